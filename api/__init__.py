@@ -1,1 +1,88 @@
-"""graphopt.api"""
+"""The public API: `load`, `save`, `run`, `optimize`, and graphsurgeon interop.
+
+Kept to one screen on purpose: each function forwards to the frontend, backend or pass manager that
+does the work. `graphopt.load` etc. are these functions (re-exported lazily by the package).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphopt.ir.core import Model
+
+__all__ = ["load", "save", "run", "optimize", "from_graphsurgeon", "to_graphsurgeon", "BACKENDS"]
+
+BACKENDS = ("reference", "onnxruntime")
+
+
+def load(source: str | os.PathLike[str] | bytes | Any) -> Model:
+    """Read a model: an `.onnx` path, serialized bytes, an `onnx.ModelProto`, or an IR `Model`.
+
+    Weights stay memory-mapped from the file (embedded or external data), not copied.
+    Raises `graphopt.ir.GraphoptError` subclasses with a message naming the file and node.
+    """
+    if isinstance(source, Model):
+        return source
+    from graphopt.frontends.onnx import load_onnx
+
+    return load_onnx(source)
+
+
+def save(model: Model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> None:
+    """Write `model` as standard ONNX, atomically (a temp file renamed into place).
+
+    Models over 2 GB, or any model with `external_data=True`, keep their weights in `<path>.data`.
+    """
+    from graphopt.backends.onnx import save_onnx
+
+    save_onnx(model, os.fspath(path), external_data=external_data)
+
+
+def run(
+    model: Model | str | os.PathLike[str],
+    inputs: Mapping[str, np.ndarray],
+    backend: str = "reference",
+) -> dict[str, np.ndarray]:
+    """Run `model` on `inputs` (name -> array) with `backend`; returns output name -> array."""
+    model = load(model)
+    if backend == "reference":
+        from graphopt.backends.reference import run_reference
+
+        return run_reference(model, dict(inputs))
+    if backend == "onnxruntime":
+        from graphopt.backends.onnxruntime import run_onnxruntime
+
+        return run_onnxruntime(model, dict(inputs))
+    from graphopt.ir.errors import GraphoptError
+
+    raise GraphoptError(f"unknown backend '{backend}'", hint=f"choose one of: {', '.join(BACKENDS)}")
+
+
+def optimize(model: Model | str | Any, passes: str | Sequence[str] = "O1", **options: Any) -> Model:
+    """Run a pass pipeline over `model` and return it.
+
+    `passes` is a pipeline string (`"fold-constants,eliminate-dead-code"`) or preset (`"O0"`..`"O3"`).
+    The pass manager arrives with the pass-manager issue; until then every pipeline is empty and the
+    model comes back verified but unchanged.
+    """
+    from graphopt.passes.pipeline import run_pipeline
+
+    return run_pipeline(load(model), passes, **options)
+
+
+def from_graphsurgeon(graph: Any) -> Model:
+    """An IR model from an onnx-graphsurgeon `Graph`."""
+    from graphopt.frontends.graphsurgeon import from_graphsurgeon as convert
+
+    return convert(graph)
+
+
+def to_graphsurgeon(model: Model) -> Any:
+    """An onnx-graphsurgeon `Graph` from an IR model."""
+    from graphopt.frontends.graphsurgeon import to_graphsurgeon as convert
+
+    return convert(model)
