@@ -59,7 +59,9 @@ def run(
         return run_onnxruntime(model, dict(inputs))
     from graphopt.ir.errors import GraphoptError
 
-    raise GraphoptError(f"unknown backend '{backend}'", hint=f"choose one of: {', '.join(BACKENDS)}")
+    raise GraphoptError(
+        f"unknown backend '{backend}'", hint=f"choose one of: {', '.join(BACKENDS)}"
+    )
 
 
 def optimize(model: Model | str | Any, passes: str | Sequence[str] = "O1", **options: Any) -> Model:

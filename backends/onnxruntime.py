@@ -50,4 +50,4 @@ def run_onnxruntime(
         results = session.run(names, dict(inputs))
     except Exception as error:
         raise GraphoptError(f"ONNX Runtime failed to run the model: {error}") from None
-    return dict(zip(names, results))
+    return dict(zip(names, results, strict=True))

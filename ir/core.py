@@ -499,11 +499,13 @@ class Graph:
         if node.graph is not self:
             raise InvalidGraphError(f"{node.describe()} is not in graph '{self.name}'")
 
-    def replace_node(self, old: Node, new_nodes: Sequence[Node], new_outputs: Sequence[Value]) -> None:
+    def replace_node(
+        self, old: Node, new_nodes: Sequence[Node], new_outputs: Sequence[Value]
+    ) -> None:
         """Insert `new_nodes` before `old`, route `old`'s outputs to `new_outputs`, drop `old`."""
         for node in new_nodes:
             self.insert_before(old, node)
-        for old_value, new_value in zip(old.outputs, new_outputs):
+        for old_value, new_value in zip(old.outputs, new_outputs, strict=True):
             old_value.replace_all_uses_with(new_value)
         self.remove(old)
 

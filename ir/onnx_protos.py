@@ -165,7 +165,9 @@ def attribute_from_proto(proto: onnx.AttributeProto, graph_from_proto: GraphFrom
     return Attribute(kind, value, doc_string=proto.doc_string)
 
 
-def attribute_to_proto(name: str, a: Attribute, graph_to_proto: GraphToProto) -> onnx.AttributeProto:
+def attribute_to_proto(
+    name: str, a: Attribute, graph_to_proto: GraphToProto
+) -> onnx.AttributeProto:
     proto = onnx.AttributeProto()
     proto.name = name
     proto.type = int(a.kind)

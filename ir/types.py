@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
-Dim = Union[int, str, None]
-Shape = Union[tuple[Dim, ...], None]
+Dim = int | str | None
+Shape = tuple[Dim, ...] | None
 
 
 class DType(enum.IntEnum):
@@ -236,7 +235,7 @@ class MapType:
         return format_type(self)
 
 
-Type = Union[TensorType, SequenceType, OptionalType, MapType]
+Type = TensorType | SequenceType | OptionalType | MapType
 
 
 def tensor_type_of(array: np.ndarray) -> TensorType:

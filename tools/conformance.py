@@ -45,7 +45,9 @@ class Case:
     @property
     def op(self) -> str:
         ops = [n.op_type for n in self.model.graph.node if n.op_type != "Constant"]
-        return ops[0] if len(ops) == 1 else (self.kind if self.kind == "light" else "+".join(ops[:2]))
+        return (
+            ops[0] if len(ops) == 1 else (self.kind if self.kind == "light" else "+".join(ops[:2]))
+        )
 
     @property
     def tensors_only(self) -> bool:
@@ -73,7 +75,9 @@ def node_cases() -> Iterator[Case]:
         cases = collect_testcases(None)
     for case in cases:
         for inputs, outputs in case.data_sets or []:
-            yield Case(case.name, "node", case.model, list(inputs), list(outputs), case.rtol, case.atol)
+            yield Case(
+                case.name, "node", case.model, list(inputs), list(outputs), case.rtol, case.atol
+            )
             break
 
 
@@ -92,7 +96,10 @@ def light_cases() -> Iterator[Case]:
         for info in model.graph.input:
             if info.name in initializers:
                 continue
-            shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in info.type.tensor_type.shape.dim)
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else 1
+                for d in info.type.tensor_type.shape.dim
+            )
             n = int(np.prod(shape))
             inputs.append((np.arange(n).reshape(shape) / n).astype(np.float32))
         expected = onnx.load_tensor(os.path.join(folder, f"{stem}_output_0.pb"))
@@ -104,14 +111,14 @@ def light_cases() -> Iterator[Case]:
 def feed_dict(model: onnx.ModelProto, inputs: list[Any]) -> dict[str, Any]:
     initializers = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in initializers]
-    return dict(zip(names, inputs))
+    return dict(zip(names, inputs, strict=False))
 
 
 def outputs_match(expected: list[Any], actual: list[Any], rtol: float, atol: float) -> str | None:
     """None when equal within tolerance, else a short reason."""
     if len(expected) != len(actual):
         return f"{len(actual)} outputs, expected {len(expected)}"
-    for i, (e, a) in enumerate(zip(expected, actual)):
+    for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
         reason = _value_mismatch(e, a, rtol, atol)
         if reason:
             return f"output {i}: {reason}"
@@ -124,7 +131,7 @@ def _value_mismatch(e: Any, a: Any, rtol: float, atol: float) -> str | None:
     if isinstance(e, list):
         if not isinstance(a, list) or len(a) != len(e):
             return "sequence length differs"
-        for x, y in zip(e, a):
+        for x, y in zip(e, a, strict=True):
             reason = _value_mismatch(x, y, rtol, atol)
             if reason:
                 return reason
@@ -137,7 +144,9 @@ def _value_mismatch(e: Any, a: Any, rtol: float, atol: float) -> str | None:
     if e.dtype != a.dtype and not (e.dtype.kind == a.dtype.kind == "f"):
         return f"dtype {a.dtype}, expected {e.dtype}"
     try:
-        np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=rtol, atol=atol, equal_nan=True)
+        np.testing.assert_allclose(
+            a.astype(np.float64), e.astype(np.float64), rtol=rtol, atol=atol, equal_nan=True
+        )
     except AssertionError:
         diff = np.nanmax(np.abs(a.astype(np.float64) - e.astype(np.float64))) if e.size else 0
         return f"values differ (max abs diff {diff:.3g})"
@@ -151,7 +160,9 @@ def _ort_run(model: onnx.ModelProto, inputs: list[Any]) -> list[Any]:
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, feed_dict(model, inputs))
 
 
@@ -181,7 +192,9 @@ def check_case(case: Case) -> Result:
 
     result = Result(case.name, case.op, case.kind, case.tensors_only)
     try:
-        reason = outputs_match(case.outputs, _ort_run(case.model, case.inputs), case.rtol, case.atol)
+        reason = outputs_match(
+            case.outputs, _ort_run(case.model, case.inputs), case.rtol, case.atol
+        )
         result.ort_original = reason is None
         if reason:
             result.errors["ort"] = reason
@@ -254,7 +267,9 @@ def summarize(results: list[Result]) -> dict[str, Any]:
 
 
 def failures_by_op(results: list[Result]) -> dict[str, dict[str, list[str]]]:
-    grouped: dict[str, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    grouped: dict[str, dict[str, list[str]]] = collections.defaultdict(
+        lambda: collections.defaultdict(list)
+    )
     for r in results:
         if r.kind == "node" and not r.tensors_only:
             continue
@@ -278,7 +293,9 @@ def run_cases(cases: list[Case], progress: bool = True) -> list[Result]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=["node", "light"], help="run one family of cases")
     parser.add_argument("-k", dest="pattern", help="only cases whose name contains this text")
     parser.add_argument("--json", help="write the summary, failures and per-case results here")
@@ -311,7 +328,14 @@ def _print_report(summary: dict[str, Any], failures: dict[str, Any], seconds: fl
 
     console = Console(highlight=False)
     table = Table(title=f"graphopt conformance ({seconds:.0f} s)")
-    for column in ("family", "cases", "ORT fails original", "round trip", "interpreter", "text form"):
+    for column in (
+        "family",
+        "cases",
+        "ORT fails original",
+        "round trip",
+        "interpreter",
+        "text form",
+    ):
         table.add_column(column)
     for kind, s in summary.items():
         table.add_row(
