@@ -1,0 +1,18 @@
+"""graphopt's op table contents: defaults for standard ONNX ops and graphopt's own kernels.
+
+Importing this package registers everything with `graphopt.ir.registry.REGISTRY`; the registry
+imports it on first lookup, so users never need to.
+"""
+
+from graphopt.ir.ops import (
+    attention,
+    control_flow,
+    legacy,
+    costs,
+    nn,
+    normalization,
+    onnx_inference,
+    onnx_kernels,
+)
+
+__all__ = ["attention", "control_flow", "legacy", "costs", "nn", "normalization", "onnx_inference", "onnx_kernels"]
