@@ -72,7 +72,9 @@ class _Verifier:
                 self.graph(sub, frozenset(visible))
             for index, value in enumerate(node.outputs):
                 if value.producer is not node or value.index != index:
-                    raise self.fail(graph, f"{node.describe()}: output %{value.name} is not its own")
+                    raise self.fail(
+                        graph, f"{node.describe()}: output %{value.name} is not its own"
+                    )
                 self.define(graph, value, visible, node.describe())
             if self.types:
                 self.check_types(graph, node)
@@ -141,7 +143,10 @@ class _Verifier:
             if actual.dtype != value.type.dtype or (
                 value.type.shape is not None
                 and len(value.type.shape) == array.ndim
-                and any(isinstance(d, int) and d != s for d, s in zip(value.type.shape, array.shape, strict=True))
+                and any(
+                    isinstance(d, int) and d != s
+                    for d, s in zip(value.type.shape, array.shape, strict=True)
+                )
             ):
                 raise self.fail(
                     graph,

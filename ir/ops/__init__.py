@@ -7,12 +7,21 @@ imports it on first lookup, so users never need to.
 from graphopt.ir.ops import (
     attention,
     control_flow,
-    legacy,
     costs,
+    legacy,
     nn,
     normalization,
     onnx_inference,
     onnx_kernels,
 )
 
-__all__ = ["attention", "control_flow", "legacy", "costs", "nn", "normalization", "onnx_inference", "onnx_kernels"]
+__all__ = [
+    "attention",
+    "control_flow",
+    "legacy",
+    "costs",
+    "nn",
+    "normalization",
+    "onnx_inference",
+    "onnx_kernels",
+]

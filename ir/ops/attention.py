@@ -43,7 +43,9 @@ def flex_attention_kernel(node: Node, env: KernelEnv) -> Kernel:
         q_heads, kv_heads = q.shape[1], k.shape[1]
         if q_heads != kv_heads:
             if kv_heads == 0 or q_heads % kv_heads:
-                raise GraphoptError(f"{node.describe()}: {q_heads} Q heads for {kv_heads} K/V heads")
+                raise GraphoptError(
+                    f"{node.describe()}: {q_heads} Q heads for {kv_heads} K/V heads"
+                )
             k = np.repeat(k, q_heads // kv_heads, axis=1)
             v = np.repeat(v, q_heads // kv_heads, axis=1)
         scale = 1.0 / np.sqrt(q.shape[-1]) if scale_attr is None else scale_attr

@@ -70,7 +70,9 @@ def loop_kernel(node: Node, env: KernelEnv) -> Kernel:
             i += 1
         scan_count = len(body.outputs) - 1 - carried_count
         stacked = [
-            np.stack(scans[k]) if scans and scans[k] else _empty_scan_output(body, 1 + carried_count + k)
+            np.stack(scans[k])
+            if scans and scans[k]
+            else _empty_scan_output(body, 1 + carried_count + k)
             for k in range(scan_count)
         ]
         return [*state, *stacked]
@@ -112,9 +114,7 @@ def scan_kernel(node: Node, env: KernelEnv) -> Kernel:
         results = []
         for k in range(out_count):
             items = collected[k][::-1] if out_dirs[k] else collected[k]
-            stacked = (
-                np.stack(items) if items else _empty_scan_output(body, state_count + k)
-            )
+            stacked = np.stack(items) if items else _empty_scan_output(body, state_count + k)
             axis = out_axes[k] + stacked.ndim if out_axes[k] < 0 else out_axes[k]
             results.append(np.moveaxis(stacked, 0, axis))
         return [*state, *results]
@@ -139,7 +139,9 @@ def _scan8(node: Node, body: Graph, scan_inputs: int) -> Kernel:
             state = [s[b] for s in states]
             collected: list[list[Any]] = []
             for t in range(steps):
-                slices = [x[b, steps - 1 - t if d else t] for x, d in zip(xs, directions, strict=True)]
+                slices = [
+                    x[b, steps - 1 - t if d else t] for x, d in zip(xs, directions, strict=True)
+                ]
                 outs = frame.run_graph(body, [*state, *slices])
                 state = list(outs[:state_count])
                 if not collected:

@@ -18,7 +18,7 @@ import math
 
 from graphopt.ir.core import Node
 from graphopt.ir.registry import REGISTRY, Cost, CostFn, OpEntry
-from graphopt.ir.types import Type, TensorType
+from graphopt.ir.types import TensorType, Type
 
 VIEW_OPS = frozenset(
     "Reshape Squeeze Unsqueeze Flatten Identity Shape Size Constant Dropout Optional".split()
@@ -74,7 +74,9 @@ def io_bytes(inputs: list[Type | None], outputs: list[Type | None]) -> tuple[int
 def _dims(t: Type | None) -> tuple[list[int], bool]:
     if not isinstance(t, TensorType) or t.shape is None:
         return [], False
-    return [d if isinstance(d, int) else 1 for d in t.shape], all(isinstance(d, int) for d in t.shape)
+    return [d if isinstance(d, int) else 1 for d in t.shape], all(
+        isinstance(d, int) for d in t.shape
+    )
 
 
 def elementwise_cost(node: Node, inputs: list[Type | None], outputs: list[Type | None]) -> Cost:

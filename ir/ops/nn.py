@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -56,7 +55,9 @@ class Window:
             pads = list(pads or [0] * (2 * rank))
             self.begin, self.end = pads[:rank], pads[rank:]
             self.out = []
-            for n, b, e, w, s in zip(spatial, self.begin, self.end, span, self.strides, strict=True):
+            for n, b, e, w, s in zip(
+                spatial, self.begin, self.end, span, self.strides, strict=True
+            ):
                 length = n + b + e - w
                 count = (-(-length // s) if ceil_mode else length // s) + 1
                 if ceil_mode and (count - 1) * s >= n + b:
@@ -80,6 +81,8 @@ class Window:
 
     def views(self, padded: np.ndarray) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         """(kernel offset, strided view of `padded` at that offset over all outputs)."""
+        if min(self.out, default=1) <= 0:
+            return  # the window does not fit: no output positions, callers give empty results
         lead = (slice(None),) * (padded.ndim - len(self.kernel))
         for offset in itertools.product(*(range(k) for k in self.kernel)):
             index = tuple(
@@ -129,12 +132,14 @@ def _pool_kernel(node: Node, env: KernelEnv, reduce: str) -> Kernel:
         if reduce == "max":
             fill = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
             padded = window.pad(x, fill)
-            result: Any = None
-            for _, view in window.views(padded):
-                result = view.copy() if result is None else np.maximum(result, view, out=result)
+            result: Any = np.empty((*x.shape[:2], *window.out), x.dtype)
+            for index, (_, view) in enumerate(window.views(padded)):
+                result = view.copy() if index == 0 else np.maximum(result, view, out=result)
             return result
         padded = window.pad(x, 0)
-        total = np.zeros((*x.shape[:2], *window.out), dtype=np.float64 if x.dtype == np.float64 else np.float32)
+        total = np.zeros(
+            (*x.shape[:2], *window.out), dtype=np.float64 if x.dtype == np.float64 else np.float32
+        )
         for _, view in window.views(padded):
             total += view
         # how many elements each window averages: real input, plus explicit pads if asked
@@ -142,7 +147,13 @@ def _pool_kernel(node: Node, env: KernelEnv, reduce: str) -> Kernel:
         counted = window.pad(ones, 0)
         if include_pad:
             counted = np.pad(
-                np.ones([n + b + e for n, b, e in zip(x.shape[2:], window.begin, window.end, strict=True)], np.float32),
+                np.ones(
+                    [
+                        n + b + e
+                        for n, b, e in zip(x.shape[2:], window.begin, window.end, strict=True)
+                    ],
+                    np.float32,
+                ),
                 [(0, e) for e in window.extra],
             )
         count = np.zeros(window.out, np.float32)

@@ -74,7 +74,9 @@ def batch_normalization_kernel(node: Node, env: KernelEnv) -> Kernel:
     epsilon = float(node.get_attr("epsilon", 1e-5))
     spatial = bool(node.get_attr("spatial", 1))
 
-    def run(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray) -> Any:
+    def run(
+        x: np.ndarray, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray
+    ) -> Any:
         per_channel = x.shape[1:2] + (1,) * (x.ndim - 2)
         shape = x.shape[1:] if not spatial and scale.size != x.shape[1] else per_channel
         compute = x.dtype if x.dtype.itemsize >= 4 else np.dtype(np.float32)

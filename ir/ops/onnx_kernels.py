@@ -36,7 +36,9 @@ def onnx_reference_kernel(node: Node, env: KernelEnv) -> Kernel:
             hint="register one with graphopt.ir.registry.register_kernel",
         )
     input_names = [f"x{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
-    output_names = [f"y{i}" if v.name != "" or v.is_used else "" for i, v in enumerate(node.outputs)]
+    output_names = [
+        f"y{i}" if v.name != "" or v.is_used else "" for i, v in enumerate(node.outputs)
+    ]
     proto = node_to_proto(node, _no_subgraph)
     del proto.input[:]
     proto.input.extend(input_names)
