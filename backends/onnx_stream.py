@@ -40,8 +40,10 @@ MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
 
 @dataclass
 class _Tensor:
-    """One initializer ready to write: its serialized fields without `raw_data`, and the raw bytes
-    (a uint8 view of the array, or `None` for tensors stored in typed fields)."""
+    """One initializer ready to write: its serialized fields without `raw_data`, and its raw bytes:
+    the array itself (made contiguous only while it is written, so at most one tensor is ever
+    copied), or `bytes` for the rare layouts `array_to_tensor` encodes, or `None` for tensors
+    stored in typed fields."""
 
     header: bytes
     raw: np.ndarray | bytes | None
@@ -49,7 +51,15 @@ class _Tensor:
 
     @property
     def raw_size(self) -> int:
+        if isinstance(self.raw, np.ndarray):
+            return self.raw.nbytes
         return 0 if self.raw is None else len(self.raw)
+
+    def raw_view(self) -> memoryview:
+        """The raw bytes as a flat buffer (no copy for the usual C-ordered weights)."""
+        if isinstance(self.raw, np.ndarray):
+            return memoryview(np.ascontiguousarray(self.raw).reshape(-1).view(np.uint8))
+        return memoryview(self.raw or b"")
 
     def payload_size(self) -> int:
         inline = self.raw is not None and self.external_offset is None
@@ -153,9 +163,7 @@ def _prepare(name: str, array: np.ndarray) -> _Tensor:
         header.name = name
         header.data_type = code  # type: ignore[assignment]
         header.dims.extend(array.shape)
-        contiguous = np.ascontiguousarray(array)  # no copy for the usual C-ordered weights
-        raw = contiguous.reshape(-1).view(np.uint8)
-        return _Tensor(header.SerializeToString(), raw)
+        return _Tensor(header.SerializeToString(), array)
     tensor = array_to_tensor(array, name)  # strings, packed 4-bit types, big-endian: a copy is fine
     raw_bytes = None
     if tensor.HasField("raw_data"):
@@ -196,7 +204,7 @@ def _write_data(stream: BinaryIO, tensors: list[_Tensor]) -> None:
             continue
         if tensor.external_offset > position:
             stream.write(b"\0" * (tensor.external_offset - position))
-        stream.write(memoryview(tensor.raw))  # type: ignore[arg-type]
+        stream.write(tensor.raw_view())
         position = tensor.external_offset + tensor.raw_size
 
 
@@ -226,7 +234,7 @@ def _write_proto(
         put(tensor.header[:split])
         put(len_prefix(TENSOR_RAW_DATA, tensor.raw_size))
         if tensor.raw_size:
-            put(tensor.raw)  # type: ignore[arg-type]
+            put(tensor.raw_view())
         put(tensor.header[split:])
     put(graph_bytes[graph_split:])
     put(model_bytes[model_split:])

@@ -5,12 +5,23 @@ memory as much as time. graphopt memory-maps weights and streams them back out; 
 into protobuf and serializes them again. This measures both on a GPT-2-small-sized model (random
 weights, `transformers.GPT2Config()` defaults: 12 layers, 768 wide, about 124M parameters, ~500 MB).
 
-Each measurement runs in a fresh subprocess so the peak resident memory (`ru_maxrss`, minus the
-figure after imports) belongs to that one load + save. Runs alternate between the two tools, after
-one warm-up of each (so both read the file from the page cache), and the medians are reported.
+How it measures, the same way for both tools:
+- Each load + save runs in a fresh subprocess, from the same source file, to an output file that does
+  not exist yet (removed beforehand) and with no dirty pages left from the run before (`os.sync()`
+  first), so no run pays for another's writeback or file deletion.
+- Peak memory is the growth of the process's peak resident set during the load + save: the peak
+  (`VmHWM`) is reset to the current resident set after imports (`/proc/self/clear_refs`), and the
+  figure is `VmHWM` afterwards minus `VmRSS` before. Resident pages of memory-mapped files count:
+  graphopt's weights are views of the mapped model, and every page it touched is in that figure.
+- Both write the weights inline (`onnx.save`'s default; graphopt's below 2 GB), so the outputs are
+  the same kind of file. Runs alternate between the tools after one uncounted warm-up pair (so both
+  read the source from the page cache); medians are reported, with the range of per-pair ratios.
+- Afterwards graphopt's file is checked: `onnx.checker.check_model` on the path, the same
+  initializers (names, types, shapes, bytes), nodes, inputs and outputs as `onnx.save`'s file, and the
+  same logits from ONNX Runtime. A mismatch fails the benchmark.
 Prints one JSON line on stdout; progress goes to stderr.
 
-    python bench/io.py [--reps 5] [--dir DIR]
+    python bench/io.py [--reps 7] [--dir DIR]
 
 The exported model is cached in DIR (default: `$TMPDIR/graphopt-bench`). Needs torch and
 transformers (`pip install graphopt[torch]`).
@@ -19,6 +30,7 @@ transformers (`pip install graphopt[torch]`).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -58,20 +70,43 @@ def build_model(directory: str) -> str:
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(use_cache=False)).eval()
     input_ids = torch.zeros((1, 16), dtype=torch.long)
-    temp = path + ".partial"
-    try:
-        torch.onnx.export(
-            model, (input_ids,), temp, dynamo=False, opset_version=17,
-            input_names=["input_ids"], output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-        )  # fmt: skip
-    except Exception:  # the TorchScript exporter lacks ops newer transformers use: use dynamo
+    os.makedirs(directory, exist_ok=True)
+    temp = os.path.join(directory, f".{MODEL_NAME}.partial.onnx")
+    try:  # current transformers use ops the TorchScript exporter lacks (aten::diff): dynamo first
         torch.onnx.export(
             model, (input_ids,), temp, dynamo=True, opset_version=18, external_data=False,
             input_names=["input_ids"], output_names=["logits"], verbose=False,
         )  # fmt: skip
+    except TypeError:  # torch < 2.5 has no `dynamo` argument
+        torch.onnx.export(
+            model, (input_ids,), temp, opset_version=17,
+            input_names=["input_ids"], output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
+        )  # fmt: skip
     os.replace(temp, path)
     return path
+
+
+def _proc_status_kb(key: str) -> int | None:
+    """A `kB` figure from /proc/self/status (`VmRSS`, `VmHWM`), or None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (`VmHWM`) to its current size (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def child(tool: str, source: str, target: str) -> None:
@@ -81,15 +116,28 @@ def child(tool: str, source: str, target: str) -> None:
     from graphopt.backends.onnx import save_onnx
     from graphopt.frontends.onnx import load_onnx
 
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    exact = _reset_peak_rss()
+    base_kb = _proc_status_kb("VmRSS") if exact else None
+    if base_kb is None:  # no /proc: the peak so far (imports included) is the baseline
+        base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if tool == "onnx":
-        onnx.save(onnx.load(source), target)
+        model = onnx.load(source)
+        loaded = time.perf_counter()
+        onnx.save(model, target)
     else:
-        save_onnx(load_onnx(source), target)
-    seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "peak_mb": (peak_kb - base_kb) / 1024}))
+        model = load_onnx(source)
+        loaded = time.perf_counter()
+        save_onnx(model, target)
+    end = time.perf_counter()
+    peak_kb = _proc_status_kb("VmHWM") if exact else None
+    if peak_kb is None:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({
+        "seconds": end - start, "load_s": loaded - start, "save_s": end - loaded,
+        "peak_mb": (peak_kb - base_kb) / 1024,
+    }))  # fmt: skip
 
 
 def _build_in_subprocess(directory: str) -> str:
@@ -103,6 +151,10 @@ def _build_in_subprocess(directory: str) -> str:
 
 
 def _measure(tool: str, source: str, target: str) -> dict[str, float]:
+    for stale in (target, target + ".data"):  # both tools start from the same state
+        if os.path.exists(stale):
+            os.remove(stale)
+    os.sync()  # write back the previous run's file now, not during this run
     command = [sys.executable, os.path.abspath(__file__), "--child", tool, source, target]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -111,7 +163,49 @@ def _measure(tool: str, source: str, target: str) -> dict[str, float]:
     return result
 
 
-def _check_outputs(source: str, saved: str) -> float:
+def _differences(reference: str, saved: str) -> list[str]:
+    """How graphopt's file differs from `onnx.save`'s in what matters: initializers (names, order,
+    types, shapes, bytes), nodes, graph inputs and outputs, opsets. Empty when they agree. Also runs
+    `onnx.checker.check_model` on the saved path (it raises on an invalid model)."""
+    import onnx
+
+    onnx.checker.check_model(saved)
+    ref, got = onnx.load(reference), onnx.load(saved)
+
+    def tensors(model: onnx.ModelProto) -> list[tuple[str, int, list[int], bytes]]:
+        return [
+            (t.name, t.data_type, list(t.dims), onnx.numpy_helper.to_array(t).tobytes())
+            for t in model.graph.initializer
+        ]
+
+    def nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+        found = []
+        for node in model.graph.node:  # an unset domain and domain "" mean the same
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            if not copy.domain:
+                copy.ClearField("domain")
+            found.append(copy)
+        return found
+
+    def interface(infos: Any) -> list[tuple[str, bytes]]:
+        return [(info.name, info.type.SerializeToString()) for info in infos]
+
+    problems = []
+    if tensors(ref) != tensors(got):
+        problems.append("initializers differ")
+    if nodes(ref) != nodes(got):
+        problems.append("nodes differ")
+    if interface(ref.graph.input) != interface(got.graph.input):
+        problems.append("graph inputs differ")
+    if interface(ref.graph.output) != interface(got.graph.output):
+        problems.append("graph outputs differ")
+    if list(ref.opset_import) != list(got.opset_import) or ref.ir_version != got.ir_version:
+        problems.append("opset imports or IR version differ")
+    return problems
+
+
+def _max_logit_diff(source: str, saved: str) -> float:
     """Largest difference between ONNX Runtime's logits on the original and on graphopt's file."""
     import numpy as np
     import onnxruntime as ort
@@ -130,15 +224,9 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for package in (
-        "graphopt",
-        "onnx",
-        "onnxruntime",
-        "protobuf",
-        "numpy",
-        "torch",
-        "transformers",
-    ):
+    packages = ("graphopt", "onnx", "onnxruntime", "protobuf", "numpy", "torch", "transformers",
+                "onnxscript")  # fmt: skip
+    for package in packages:
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -146,20 +234,28 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _cpu() -> str:
+def _cpu() -> tuple[str, list[str]]:
+    """The CPU model and its SIMD flags that matter here (from /proc/cpuinfo)."""
+    model, flags = platform.processor(), []
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    have = set(value.split())
+                    wanted = ("avx2", "avx512f", "avx512_vnni", "amx_tile")
+                    flags = [flag for flag in wanted if flag in have]
+                    break
     except OSError:
         pass
-    return platform.processor()
+    return model, flags
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5, help="measured runs per tool (default 5)")
+    parser.add_argument("--reps", type=int, default=7, help="measured runs per tool (default 7)")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "graphopt-bench"))
     parser.add_argument("--child", nargs=3, metavar=("TOOL", "SRC", "DST"), help=argparse.SUPPRESS)
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
@@ -190,24 +286,37 @@ def main(argv: list[str] | None = None) -> int:
                 if rep:
                     runs[tool].append(result)
                 progress.advance(task)
-    with console.status("checking graphopt's file with ONNX Runtime"):
-        max_diff = _check_outputs(source, targets["graphopt"])
+    with console.status("checking graphopt's file against onnx.save's"):
+        problems = _differences(targets["onnx"], targets["graphopt"])
+        max_diff = _max_logit_diff(source, targets["graphopt"])
     for target in targets.values():
         os.remove(target)
+    if max_diff > 1e-5:  # same weights and nodes: only thread scheduling may move the last bit
+        problems.append(f"logits differ by {max_diff}")
+    if problems:
+        sys.exit(f"graphopt's file is wrong: {', '.join(problems)}")
 
     def median(tool: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[tool])
 
+    pairs = [
+        g["seconds"] / o["seconds"] for o, g in zip(runs["onnx"], runs["graphopt"], strict=True)
+    ]
     onnx_s, graphopt_s = median("onnx", "seconds"), median("graphopt", "seconds")
     onnx_mb, graphopt_mb = median("onnx", "peak_mb"), median("graphopt", "peak_mb")
+    cpu, flags = _cpu()
     print(json.dumps({
         "bench": "io", "model": MODEL_NAME,
-        "onnx_s": round(onnx_s, 3), "graphopt_s": round(graphopt_s, 3),
         "time_ratio": round(graphopt_s / onnx_s, 3),
-        "onnx_peak_mb": round(onnx_mb, 1), "graphopt_peak_mb": round(graphopt_mb, 1),
+        "time_ratio_pairs": [round(min(pairs), 3), round(max(pairs), 3)],
         "memory_ratio": round(graphopt_mb / onnx_mb, 3),
-        "file_mb": round(os.path.getsize(source) / 2**20, 1),
-        "reps": args.reps, "max_abs_diff_ort": max_diff, "cpu": _cpu(), "versions": _versions(),
+        "onnx_s": round(onnx_s, 3), "graphopt_s": round(graphopt_s, 3),
+        "onnx_load_s": round(median("onnx", "load_s"), 3),
+        "graphopt_load_s": round(median("graphopt", "load_s"), 3),
+        "onnx_peak_mb": round(onnx_mb, 1), "graphopt_peak_mb": round(graphopt_mb, 1),
+        "file_mb": round(os.path.getsize(source) / 2**20, 1), "reps": args.reps,
+        "same_as_onnx_save": True, "max_abs_diff_ort": max_diff, "threads": 1,
+        "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "versions": _versions(),
     }))  # fmt: skip
     return 0
 

@@ -180,6 +180,7 @@ class _Importer:
                 raise self._duplicate(info.name, graph, "graph input")
             value = graph.add_input(info.name, self._type(info, graph))
             value.doc_string = info.doc_string
+            _take_metadata(value, info)
             local[info.name] = value
         inputs = dict(local)
         for name, array in self._initializers(gp, extra_initializers):
@@ -207,6 +208,8 @@ class _Importer:
                 value.type = self._type(info, graph)
             if value is not None and info.doc_string and not value.doc_string:
                 value.doc_string = info.doc_string
+            if value is not None:
+                _take_metadata(value, info)
 
         for np_, values in zip(gp.node, outputs_of, strict=False):
             graph.append(self._node(np_, values, graph, env))
@@ -224,6 +227,7 @@ class _Importer:
                 value.type = self._type(info, graph)
             if info.doc_string and not value.doc_string:
                 value.doc_string = info.doc_string
+            _take_metadata(value, info)
             outputs.append(value)
             names.append(info.name)
         graph.set_outputs(outputs, names)
@@ -405,6 +409,11 @@ def _with_inferred_type(a: onnx.AttributeProto) -> onnx.AttributeProto:
             return fixed
     fixed.type = onnx.AttributeProto.INTS  # an empty list
     return fixed
+
+
+def _take_metadata(value: Value, info: onnx.ValueInfoProto) -> None:
+    for entry in info.metadata_props:
+        value.metadata.setdefault(entry.key, entry.value)
 
 
 def _sort_all(graph: Graph) -> None:

@@ -32,7 +32,10 @@ RETURN_OP = "return"
 class Value:
     """One SSA value: a node output, a graph input or an initializer."""
 
-    __slots__ = ("name", "type", "producer", "index", "const_value", "graph", "doc_string", "_uses")
+    __slots__ = (
+        "name", "type", "producer", "index", "const_value", "graph", "doc_string", "metadata",
+        "_uses",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -48,6 +51,7 @@ class Value:
         self.const_value = const_value
         self.graph: Graph | None = None  # set for graph inputs and initializers
         self.doc_string = ""
+        self.metadata: dict[str, str] = {}
         self._uses: dict[tuple[Node, int], None] = {}
         if const_value is not None and type is None:
             self.type = tensor_type_of(const_value)

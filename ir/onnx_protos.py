@@ -86,6 +86,8 @@ def value_info(value: Value, name: str | None = None) -> onnx.ValueInfoProto:
         info.type.CopyFrom(type_to_proto(value.type))
     if value.doc_string:
         info.doc_string = value.doc_string
+    for key, val in value.metadata.items():
+        info.metadata_props.append(onnx.StringStringEntryProto(key=key, value=val))
     return info
 
 
@@ -216,7 +218,8 @@ def node_to_proto(
     """A `NodeProto` for `node`; omitted optional inputs/outputs become empty names."""
     proto = onnx.NodeProto()
     proto.op_type = node.op_type
-    proto.domain = node.domain
+    if node.domain:
+        proto.domain = node.domain
     if node.name:
         proto.name = node.name
     if node.overload:
