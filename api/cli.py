@@ -163,7 +163,7 @@ def _save_npz_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}.npz")
     try:
-        np.savez(temp, **arrays)
+        np.savez(temp, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
         os.replace(temp, path)
     except OSError as error:
         if os.path.exists(temp):

@@ -63,8 +63,8 @@ def load_feeds(path: str | os.PathLike[str], model: Model) -> dict[str, np.ndarr
             feeds = {name: data[name] for name in data.files}
     except (OSError, ValueError) as error:
         raise GraphoptError(f"cannot read inputs: {error}", where=os.fspath(path)) from None
-    expected = {v.name for v in runtime_inputs(model.graph)}
-    known = {v.name for v in model.graph.inputs}
+    expected = {v.name or "" for v in runtime_inputs(model.graph)}
+    known = {v.name or "" for v in model.graph.inputs}
     unknown = sorted(set(feeds) - known)
     missing = sorted(expected - set(feeds))
     if unknown or missing:

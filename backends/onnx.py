@@ -102,7 +102,8 @@ def export_parts(model: Model) -> tuple[onnx.ModelProto, list[tuple[str, np.ndar
 
 def _min_ir_version(opsets: dict[str, int]) -> int:
     try:
-        return int(onnx.helper.find_min_ir_version_for(list(opsets.items()), ignore_unknown=True))
+        ids = [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()]
+        return int(onnx.helper.find_min_ir_version_for(ids, ignore_unknown=True))
     except Exception:  # an opset newer than this onnx knows
         return int(onnx.IR_VERSION)
 
@@ -220,11 +221,12 @@ class _Exporter:
             proto.input.append(value_info(value, self.names[value]))
         if with_initializers:
             for value in graph.initializers.values():
+                assert value.const_value is not None
                 proto.initializer.append(array_to_tensor(value.const_value, self.names[value]))
         for node in graph:
-            for value in node.inputs:
-                if value is not None:
-                    self._require_defined(value, graph, node)
+            for read in node.inputs:
+                if read is not None:
+                    self._require_defined(read, graph, node)
             self.domains.add(node.domain)
             proto.node.append(node_to_proto(node, self._subgraph_proto, self.name_of))
         for source, target in self.identities.get(graph, []):

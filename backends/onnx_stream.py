@@ -58,7 +58,8 @@ class _Tensor:
     def raw_view(self) -> memoryview:
         """The raw bytes as a flat buffer (no copy for the usual C-ordered weights)."""
         if isinstance(self.raw, np.ndarray):
-            return memoryview(np.ascontiguousarray(self.raw).reshape(-1).view(np.uint8))
+            flat = np.ascontiguousarray(self.raw).reshape(-1).view(np.uint8)
+            return memoryview(flat)  # type: ignore[arg-type]  # numpy arrays are buffers
         return memoryview(self.raw or b"")
 
     def payload_size(self) -> int:

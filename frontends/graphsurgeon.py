@@ -382,7 +382,7 @@ class _Reader:
 
         try:
             schema = onnx.defs.get_schema(gn.op, self.opset, gn.domain or "")
-            return AttrKind(int(schema.attributes[name].type))
+            return AttrKind(int(schema.attributes[name].type))  # type: ignore[call-overload]
         except Exception:  # custom op, unknown attribute
             return AttrKind.INTS
 
@@ -569,11 +569,11 @@ class _Writer:
         for value in graph.initializers.values():
             if not value.is_used and not value.is_graph_input:
                 self.lost["unused initializers"] += 1
-        kwargs: dict[str, Any] = {}
+        graph_kwargs: dict[str, Any] = {}
         if is_main:
             from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-            kwargs = {
+            graph_kwargs = {
                 "producer_name": self.model.producer_name,
                 "producer_version": self.model.producer_version,
                 "ir_version": self.model.ir_version or None,
@@ -590,7 +590,7 @@ class _Writer:
             doc_string=graph.doc_string,
             opset=self.opset,
             import_domains=list(self.opset_ids),
-            **kwargs,
+            **graph_kwargs,
         )
 
     def node(self, node: Node, where: str) -> gs.Node:

@@ -170,7 +170,7 @@ class _Importer:
         extra_initializers: Iterable[tuple[str, np.ndarray]] = (),
     ) -> Graph:
         env: ChainMap = outer.new_child()
-        local: dict[str, Value] = env.maps[0]
+        local: dict[str, Value] = env.maps[0]  # type: ignore[assignment]
         where = self.where
         graph.doc_string = gp.doc_string
         graph.metadata = {p.key: p.value for p in gp.metadata_props}
@@ -203,32 +203,33 @@ class _Importer:
                 values.append(value)
             outputs_of.append(values)
         for info in gp.value_info:
-            value = env.get(info.name)
-            if value is not None and value.type is None:
-                value.type = self._type(info, graph)
-            if value is not None and info.doc_string and not value.doc_string:
-                value.doc_string = info.doc_string
-            if value is not None:
-                _take_metadata(value, info)
+            annotated: Value | None = env.get(info.name)
+            if annotated is None:
+                continue
+            if annotated.type is None:
+                annotated.type = self._type(info, graph)
+            if info.doc_string and not annotated.doc_string:
+                annotated.doc_string = info.doc_string
+            _take_metadata(annotated, info)
 
         for np_, values in zip(gp.node, outputs_of, strict=False):
             graph.append(self._node(np_, values, graph, env))
 
         outputs, names = [], []
         for info in gp.output:
-            value = env.get(info.name)
-            if value is None:
+            output: Value | None = env.get(info.name)
+            if output is None:
                 raise InvalidGraphError(
                     f"graph output '{info.name}' is never defined",
                     where=f"{where}: graph '{graph.name}'",
                     hint="an output must name a graph input, an initializer or a node output",
                 )
-            if value.type is None:
-                value.type = self._type(info, graph)
-            if info.doc_string and not value.doc_string:
-                value.doc_string = info.doc_string
-            _take_metadata(value, info)
-            outputs.append(value)
+            if output.type is None:
+                output.type = self._type(info, graph)
+            if info.doc_string and not output.doc_string:
+                output.doc_string = info.doc_string
+            _take_metadata(output, info)
+            outputs.append(output)
             names.append(info.name)
         graph.set_outputs(outputs, names)
         return graph

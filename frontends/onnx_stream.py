@@ -199,7 +199,7 @@ class _ExternalFiles:
     def __init__(self, base_dir: str, where: str):
         self.base_dir = base_dir
         self.where = where
-        self.maps: dict[str, np.memmap] = {}
+        self.maps: dict[str, np.ndarray] = {}
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
         return external_array(tensor, self.base_dir, self.where, self.maps)
@@ -209,7 +209,7 @@ def external_array(
     tensor: onnx.TensorProto,
     base_dir: str,
     where: str = "",
-    maps: dict[str, np.memmap] | None = None,
+    maps: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The array of an externally stored tensor: a read-only view of its data file, or a copy for
     layouts numpy cannot view. Raises `ModelLoadError` naming the tensor and the file."""
@@ -231,7 +231,7 @@ def external_array(
     except ValueError:
         raise ModelLoadError(f"initializer '{name}' has a bad offset/length", where=where) from None
     maps = {} if maps is None else maps
-    whole = maps.get(path)
+    whole: np.ndarray | None = maps.get(path)
     if whole is None:
         if not os.path.isfile(path):
             raise ModelLoadError(
@@ -243,7 +243,7 @@ def external_array(
             whole = np.zeros(0, np.uint8)  # np.memmap refuses empty files
         else:
             whole = np.memmap(path, dtype=np.uint8, mode="r")
-        maps[path] = whole  # type: ignore[assignment]
+        maps[path] = whole
     dims = tuple(int(d) for d in tensor.dims)
     dtype = plain_numpy_dtype(tensor.data_type)
     count = int(np.prod(dims, dtype=np.int64))

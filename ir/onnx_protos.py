@@ -172,7 +172,7 @@ def attribute_to_proto(
 ) -> onnx.AttributeProto:
     proto = onnx.AttributeProto()
     proto.name = name
-    proto.type = int(a.kind)
+    proto.type = int(a.kind)  # type: ignore[assignment]  # protobuf enums are ints
     if a.doc_string:
         proto.doc_string = a.doc_string
     if a.ref is not None:

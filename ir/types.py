@@ -185,8 +185,9 @@ class TensorType:
         if not self.is_static:
             return None
         n = 1
-        for d in self.shape:  # type: ignore[union-attr]
-            n *= d  # type: ignore[operator]
+        for d in self.shape or ():
+            assert isinstance(d, int)
+            n *= d
         return n
 
     def with_shape(self, shape: Shape) -> TensorType:
