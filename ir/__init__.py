@@ -1,4 +1,4 @@
-"""The SSA IR: types, values, nodes, graphs, models, builder and errors."""
+"""The SSA IR: types, values, nodes, graphs, models, builder, errors and the text form."""
 
 from graphopt.ir.builder import Builder
 from graphopt.ir.core import Attribute, AttrKind, Graph, Model, Node, Value, attr
@@ -10,10 +10,13 @@ from graphopt.ir.errors import (
     TextParseError,
     UnsupportedOpError,
 )
+from graphopt.ir.parser import parse_graph, parse_model
+from graphopt.ir.printer import format_type, print_graph, print_model
 from graphopt.ir.types import DType, MapType, OptionalType, SequenceType, TensorType, Type
 
 __all__ = [
     "Attribute", "AttrKind", "Builder", "DType", "Graph", "GraphoptError", "InvalidGraphError",
     "MapType", "Model", "ModelLoadError", "Node", "OptionalType", "SaveError", "SequenceType",
-    "TensorType", "TextParseError", "Type", "UnsupportedOpError", "Value", "attr",
+    "TensorType", "TextParseError", "Type", "UnsupportedOpError", "Value", "attr", "format_type",
+    "parse_graph", "parse_model", "print_graph", "print_model",
 ]  # fmt: skip

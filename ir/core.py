@@ -420,7 +420,10 @@ class Graph:
     def remove_initializer(self, value: Value) -> None:
         if value.is_used:
             raise InvalidGraphError(f"cannot remove initializer %{value.name}: it is still used")
-        self.initializers.pop(value.name, None)  # type: ignore[arg-type]
+        if self.initializers.get(value.name or "") is not value:  # renamed since it was added
+            self.initializers = {k: v for k, v in self.initializers.items() if v is not value}
+        else:
+            del self.initializers[value.name or ""]
 
     def remove_input(self, value: Value) -> None:
         if value.is_used:
@@ -522,9 +525,8 @@ class Graph:
         readers: dict[Node, list[Node]] = {node: [] for node in order}
         for node in order:
             for dep in _local_dependencies(node, self):
-                if dep is not node:
-                    pending[node] += 1
-                    readers[dep].append(node)
+                pending[node] += 1  # a node reading its own output is a cycle of one
+                readers[dep].append(node)
         import heapq
 
         ready = [position[n] for n, count in pending.items() if count == 0]
@@ -565,10 +567,12 @@ def _local_dependencies(node: Node, graph: Graph) -> Iterable[Node]:
     """Producers in `graph` of the values `node` reads, subgraph captures included."""
     for value in _values_read(node):
         producer = value.producer
+        inner = False
         while producer is not None and producer.graph is not graph:
             parent_graph = producer.graph
             producer = parent_graph.parent if parent_graph is not None else None
-        if producer is not None:
+            inner = True
+        if producer is not None and not (inner and producer is node):  # not the body's own
             yield producer
 
 
