@@ -64,16 +64,29 @@ def run(
     )
 
 
-def optimize(model: Model | str | Any, passes: str | Sequence[str] = "O1", **options: Any) -> Model:
-    """Run a pass pipeline over `model` and return it.
+def optimize(
+    model: Model | str | Any,
+    passes: str | Sequence[Any] = "O1",
+    *,
+    target: str = "onnx",
+    verify_each: bool = False,
+    check_each: bool = False,
+    **options: Any,
+) -> Model:
+    """Run a pass pipeline over `model` (changed in place) and return it.
 
-    `passes` is a pipeline string (`"fold-constants,eliminate-dead-code"`) or preset (`"O0"`..`"O3"`).
-    The pass manager arrives with the pass-manager issue; until then every pipeline is empty and the
-    model comes back verified but unchanged.
+    `passes` is a pipeline string (`"fold-constants,eliminate-dead-code"`), a preset (`"O0"`..`"O3"`)
+    or a list of pass names and pass objects. Other keyword arguments reach the passes as options of
+    the run (for example `calibration=feeds`). `graphopt.passes.optimize_model` returns the per-pass
+    report as well.
     """
-    from graphopt.passes.pipeline import run_pipeline
+    from graphopt.passes import optimize_model
 
-    return run_pipeline(load(model), passes, **options)
+    result = optimize_model(
+        load(model), passes, target=target, verify_each=verify_each, check_each=check_each,
+        options=options,
+    )  # fmt: skip
+    return result.model
 
 
 def from_graphsurgeon(graph: Any) -> Model:

@@ -68,26 +68,79 @@ def _build_parser() -> argparse.ArgumentParser:
 def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the input .onnx file")
     parser.add_argument("-o", "--output", required=True, help="where to write the optimized model")
-    parser.add_argument("--passes", default="O1", help="pipeline string or preset (default O1)")
+    parser.add_argument(
+        "--passes", default="O1", help="pipeline string or preset, e.g. 'O1,fold-constants{max-elements=4096}'"
+    )
+    parser.add_argument("--target", default="onnx", help="onnx (default) or onnxruntime")
     parser.add_argument(
         "--external-data", action="store_true", help="write weights to <output>.data"
     )
+    parser.add_argument("--verify-each", action="store_true", help="run the verifier after every pass")
+    parser.add_argument(
+        "--check-each",
+        action="store_true",
+        help="run the reference interpreter on random inputs around every pass; stop at the first "
+        "pass that changes the outputs",
+    )
+    parser.add_argument(
+        "--dim", action="append", default=[], metavar="NAME=N", help="symbolic dim size for --check-each"
+    )
+    parser.add_argument(
+        "--dump-ir",
+        action="append",
+        default=[],
+        metavar="WHEN:PASS",
+        help="print the IR before/after a pass: before:fold-constants, after:all (repeatable)",
+    )
+    parser.add_argument("--dump-dir", help="write --dump-ir files here instead of printing")
+    parser.add_argument("--report", metavar="FILE", help="write a JSON report of every pass here")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no summary table")
     parser.set_defaults(func=_cmd_optimize)
+
+
+def _parse_dumps(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    before: list[str] = []
+    after: list[str] = []
+    for item in items:
+        when, sep, names = item.partition(":")
+        if not sep or when not in ("before", "after", "both") or not names:
+            raise GraphoptError(
+                f"bad --dump-ir '{item}'", hint="write WHEN:PASS[,PASS], WHEN before, after or both"
+            )
+        for name in names.split(","):
+            if when in ("before", "both"):
+                before.append(name)
+            if when in ("after", "both"):
+                after.append(name)
+    return before, after
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
     import graphopt
+    from graphopt.passes import optimize_model
 
     start = time.perf_counter()
     model = graphopt.load(args.model)
-    before = sum(1 for _ in model.graph.all_nodes())
-    model = graphopt.optimize(model, args.passes)
-    after = sum(1 for _ in model.graph.all_nodes())
-    graphopt.save(model, args.output, external_data=args.external_data or None)
-    elapsed = time.perf_counter() - start
-    _console().print(
-        f"[bold]{args.model}[/] -> [bold]{args.output}[/]: {before} -> {after} nodes "
-        f"(passes: {args.passes}) in {elapsed:.2f} s"
+    before, after = _parse_dumps(args.dump_ir)
+    result = optimize_model(
+        model, args.passes, target=args.target, verify_each=args.verify_each,
+        check_each=args.check_each, check_dims=_parse_dims(args.dim),
+        dump_before=before, dump_after=after, dump_folder=args.dump_dir,
+    )  # fmt: skip
+    graphopt.save(result.model, args.output, external_data=args.external_data or None)
+    if args.report:
+        result.write_json(args.report)
+    console = _console()
+    if not args.quiet:
+        console.print(result.table())
+        refused = [n for n in result.notes if n.kind != "info"]
+        for note in refused[:20]:
+            console.print(f"  {note.pass_name}: {note.kind} at {note.node}: {note.message}", markup=False)
+        if len(refused) > 20:
+            console.print(f"  ... {len(refused) - 20} more notes (--report FILE has them all)")
+    console.print(
+        f"[bold]{args.model}[/] -> [bold]{args.output}[/]: {result.nodes_before} -> "
+        f"{result.nodes_after} nodes (passes: {args.passes}) in {time.perf_counter() - start:.2f} s"
     )
     return 0
 
@@ -122,11 +175,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
-    from graphopt.passes.pipeline import PRESETS
+    from rich.table import Table
 
+    from graphopt.passes import all_passes
+    from graphopt.passes.pipeline import PRESETS, _option_fields, _type_name
+
+    table = Table(title="passes", title_justify="left")
+    for column in ("name", "what it does", "options"):
+        table.add_column(column)
+    for name, info in all_passes().items():
+        fields = _option_fields(info.cls)
+        options = " ".join(f"{k}={d!r}:{_type_name(t)}" for k, (_, t, d) in fields.items())
+        table.add_row(name, info.description, options)
     console = _console()
+    console.print(table)
     for name, members in PRESETS.items():
-        console.print(f"{name}: {', '.join(members) if members else '(no passes yet)'}")
+        console.print(f"{name}: {', '.join(members) if members else '(nothing)'}")
     return 0
 
 

@@ -148,10 +148,7 @@ class Interpreter:
                     where=f"graph '{graph.name}'",
                     hint=_describe_args(node, args),
                 ) from error
-            outputs = list(result) if isinstance(result, (list, tuple)) else [result]
-            if len(outputs) < len(node.outputs):
-                outputs += [None] * (len(node.outputs) - len(outputs))
-            for value, array in zip(node.outputs, outputs, strict=False):
+            for value, array in zip(node.outputs, _outputs(result, node), strict=False):
                 env[value] = array
                 if self.check_types:
                     _check_dtype(node, value, array)
@@ -160,6 +157,16 @@ class Interpreter:
         for value in plan.unused:
             env.pop(value, None)
         return [frame.get(v) for v in graph.outputs]
+
+    def run_node(self, node: Node, inputs: Sequence[Any]) -> list[Any]:
+        """Run one node on `inputs` outside any graph run (constant folding uses this); a node
+        with subgraphs sees no enclosing values but the model's initializers."""
+        kernel, needs_frame = self._kernel(node)
+        if needs_frame:
+            frame = _Frame(self, None)
+            frame.values.update((v, v.const_value) for v in self.graph.initializers.values())
+            return _outputs(kernel(frame, *inputs), node)
+        return _outputs(kernel(*inputs), node)
 
     def _plan(self, graph: Graph) -> _Plan:
         steps = []
@@ -199,6 +206,12 @@ class Interpreter:
                 hint=hint + "register one with graphopt.ir.registry.register_kernel",
             )
         return entry.kernel(node, self), entry.needs_frame
+
+
+def _outputs(result: Any, node: Node) -> list[Any]:
+    """A kernel's result as one entry per node output (a bare array for a single output)."""
+    outputs = list(result) if isinstance(result, (list, tuple)) else [result]
+    return outputs + [None] * (len(node.outputs) - len(outputs))
 
 
 def _values_read(node: Node) -> list[Value]:

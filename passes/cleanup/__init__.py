@@ -1,0 +1,1 @@
+"""Clean-up passes: constant folding, dead code, common subexpressions, shapes, canonical forms."""
