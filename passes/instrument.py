@@ -29,7 +29,9 @@ class PassCheckError(GraphoptError):
 
 
 class VerifyEach(Instrument):
-    def after_pass(self, pass_: Pass, model: Model, context: PassContext, record: PassRecord) -> None:
+    def after_pass(
+        self, pass_: Pass, model: Model, context: PassContext, record: PassRecord
+    ) -> None:
         from graphopt.ir.verifier import verify
 
         try:
@@ -67,7 +69,9 @@ class DumpIR(Instrument):
         if pass_.name in self.before or "all" in self.before:
             self._dump("before", pass_, model)
 
-    def after_pass(self, pass_: Pass, model: Model, context: PassContext, record: PassRecord) -> None:
+    def after_pass(
+        self, pass_: Pass, model: Model, context: PassContext, record: PassRecord
+    ) -> None:
         if pass_.name in self.after or "all" in self.after:
             self._dump("after", pass_, model)
 
@@ -95,7 +99,9 @@ class CheckEach(Instrument):
         if self._reference is None:
             self._reference = self._outputs(model)
 
-    def after_pass(self, pass_: Pass, model: Model, context: PassContext, record: PassRecord) -> None:
+    def after_pass(
+        self, pass_: Pass, model: Model, context: PassContext, record: PassRecord
+    ) -> None:
         if not record.changed:
             return
         outputs = self._outputs(model)

@@ -257,9 +257,7 @@ def _load_plugins() -> None:
                 hint="rename the plugin's entry point",
             )
         dist = entry.dist.name if entry.dist is not None else entry.value
-        _REGISTRY[entry.name] = PassInfo(
-            entry.name, _plugin_loader(entry), f"plugin {dist}"
-        )
+        _REGISTRY[entry.name] = PassInfo(entry.name, _plugin_loader(entry), f"plugin {dist}")
 
 
 def _plugin_loader(entry: Any) -> Callable[[], type[Pass]]:
@@ -317,7 +315,9 @@ class Instrument:
     def before_pass(self, pass_: Pass, model: Model, context: PassContext) -> None:
         pass
 
-    def after_pass(self, pass_: Pass, model: Model, context: PassContext, record: PassRecord) -> None:
+    def after_pass(
+        self, pass_: Pass, model: Model, context: PassContext, record: PassRecord
+    ) -> None:
         pass
 
 

@@ -111,7 +111,9 @@ class _Parser:
     def word(self) -> tuple[str, int]:
         self.skip_spaces()
         start = self.pos
-        while self.pos < len(self.text) and (self.text[self.pos].isalnum() or self.text[self.pos] in "-_."):
+        while self.pos < len(self.text) and (
+            self.text[self.pos].isalnum() or self.text[self.pos] in "-_."
+        ):
             self.pos += 1
         return self.text[start : self.pos], start
 
@@ -244,5 +246,7 @@ def format_pass(pass_: Pass) -> str:
                 default = f.default_factory()  # type: ignore[misc]
             if value != default:
                 text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-                changed.append(f"{f.name.replace('_', '-')}={text.lower() if isinstance(value, bool) else text}")
+                changed.append(
+                    f"{f.name.replace('_', '-')}={text.lower() if isinstance(value, bool) else text}"
+                )
     return pass_.name + (f"{{{' '.join(changed)}}}" if changed else "")

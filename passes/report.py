@@ -36,7 +36,11 @@ class OptimizationResult:
             "nodes_after": self.nodes_after,
             "seconds": round(self.seconds, 4),
             "passes": [
-                {**dataclasses.asdict(r), "seconds": round(r.seconds, 5), "options": _plain(r.options)}
+                {
+                    **dataclasses.asdict(r),
+                    "seconds": round(r.seconds, 5),
+                    "options": _plain(r.options),
+                }
                 for r in self.records
             ],
             "notes": [dataclasses.asdict(n) for n in self.notes],

@@ -66,9 +66,21 @@ def _model() -> Model:
 
 
 def test_pipeline_options_are_typed():
-    (p,) = parse_pipeline("test-options{count=3 ratio=0.25 enabled=true mode=exact axes=0,2 label=hi}")
-    assert (p.count, p.ratio, p.enabled, p.mode, p.axes, p.label) == (3, 0.25, True, "exact", (0, 2), "hi")
-    assert format_pass(p) == "test-options{count=3 ratio=0.25 enabled=true mode=exact axes=0,2 label=hi}"
+    (p,) = parse_pipeline(
+        "test-options{count=3 ratio=0.25 enabled=true mode=exact axes=0,2 label=hi}"
+    )
+    assert (p.count, p.ratio, p.enabled, p.mode, p.axes, p.label) == (
+        3,
+        0.25,
+        True,
+        "exact",
+        (0, 2),
+        "hi",
+    )
+    assert (
+        format_pass(p)
+        == "test-options{count=3 ratio=0.25 enabled=true mode=exact axes=0,2 label=hi}"
+    )
 
 
 @pytest.mark.parametrize(

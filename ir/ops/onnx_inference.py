@@ -20,6 +20,7 @@ from onnx import helper
 from graphopt.ir.core import Node
 from graphopt.ir.errors import InvalidGraphError
 from graphopt.ir.onnx_protos import array_to_tensor, node_to_proto, type_from_proto, type_to_proto
+from graphopt.ir.ops.shape_rules import RULES
 from graphopt.ir.registry import REGISTRY, InferenceInputs, OpEntry
 from graphopt.ir.types import OptionalType, SequenceType, TensorType, Type
 
@@ -27,7 +28,6 @@ from graphopt.ir.types import OptionalType, SequenceType, TensorType, Type
 def onnx_infer(schema: Any, node: Node, inputs: InferenceInputs) -> list[Type | None]:
     """Output types of `node` by ONNX's inference for `schema` (None where it cannot tell)."""
     unknown: list[Type | None] = [None] * len(node.outputs)
-    check_type_constraints(schema, node, inputs.types)
     if node.subgraphs():
         return unknown  # bodies need whole-graph inference; types stay as declared
     proto = node_to_proto(node, _no_subgraph)
@@ -62,27 +62,23 @@ def check_type_constraints(schema: Any, node: Node, types: list[Type | None]) ->
 
     ONNX's node-level inference does not check this (only its whole-model checker does), and a
     model that breaks it fails later in every runtime, so the verifier checks it here."""
-    formals = schema.inputs
+    formals = _formals(schema)
     if not formals:
         return
-    constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
     bound: dict[str, tuple[str, int]] = {}
     for index, t in enumerate(types):
-        formal = formals[min(index, len(formals) - 1)]
-        if index >= len(formals) and formal.option != _VARIADIC:
+        param, allowed, variadic, homogeneous = formals[min(index, len(formals) - 1)]
+        if index >= len(formals) and not variadic:
             break
         text = type_string(t)
-        param = formal.type_str
         if text is None or node.inputs[index] is None:
             continue
-        allowed = constraints.get(param)
         if allowed is not None and text not in allowed:
             raise InvalidGraphError(
                 f"{node.describe()}: input {index} (%{node.inputs[index].name}) is {t}, which "  # type: ignore[union-attr]
                 f"{node.op_type} does not accept for {param}",
                 hint=f"{param} allows {', '.join(sorted(allowed))}; insert a Cast",
             )
-        homogeneous = formal.option != _VARIADIC or formal.is_homogeneous
         if allowed is not None and homogeneous:
             first = bound.setdefault(param, (text, index))
             if first[0] != text:
@@ -95,8 +91,29 @@ def check_type_constraints(schema: Any, node: Node, types: list[Type | None]) ->
                 )
 
 
-def type_string(t: Type | None) -> str | None:
-    """ONNX's spelling of a type in schemas: `tensor(float)`, `seq(tensor(int64))` ..."""
+@functools.lru_cache(maxsize=2048)
+def _formals_of(name: str, domain: str, version: int) -> list[tuple[str, Any, bool, bool]]:
+    schema = onnx.defs.get_schema(name, version, domain)
+    constraints = {
+        c.type_param_str: frozenset(c.allowed_type_strs) for c in schema.type_constraints
+    }
+    table = []
+    for formal in schema.inputs:
+        variadic = formal.option == _VARIADIC
+        table.append(
+            (formal.type_str, constraints.get(formal.type_str), variadic,
+             not variadic or formal.is_homogeneous)
+        )  # fmt: skip
+    return table
+
+
+def _formals(schema: Any) -> list[tuple[str, Any, bool, bool]]:
+    """Per formal input: type parameter, allowed type strings, variadic, homogeneous (cached)."""
+    return _formals_of(schema.name, schema.domain, schema.since_version)
+
+
+@functools.lru_cache(maxsize=256)
+def _type_string(t: Type) -> str | None:
     if isinstance(t, TensorType):
         return f"tensor({t.dtype.name.lower()})"
     if isinstance(t, SequenceType):
@@ -106,6 +123,13 @@ def type_string(t: Type | None) -> str | None:
         inner = type_string(t.elem)
         return None if inner is None else f"optional({inner})"
     return None
+
+
+def type_string(t: Type | None) -> str | None:
+    """ONNX's spelling of a type in schemas: `tensor(float)`, `seq(tensor(int64))` ..."""
+    if isinstance(t, TensorType):  # the element type decides; drop the shape for the cache
+        return _type_string(TensorType(t.dtype))
+    return None if t is None else _type_string(t)
 
 
 _VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
@@ -122,8 +146,22 @@ def _no_subgraph(graph: Any) -> onnx.GraphProto:
     raise AssertionError("nodes with subgraphs are not inferred node by node")
 
 
+def standard_infer(schema: Any, node: Node, inputs: InferenceInputs) -> list[Type | None]:
+    """Inference for a standard op: the type-parameter check, then graphopt's fast rule for the
+    op if it has one and it decides, else ONNX's own inference."""
+    check_type_constraints(schema, node, inputs.types)
+    fast = RULES.get(node.op_type)
+    if fast is not None:
+        result = fast(node, inputs)
+        if result is not None:
+            return result
+    return onnx_infer(schema, node, inputs)
+
+
 def _fill(entry: OpEntry) -> None:
-    if entry.infer is None and entry.schema is not None:
+    if entry.infer is None and entry.schema is not None and entry.domain == "":
+        entry.infer = functools.partial(standard_infer, entry.schema)
+    elif entry.infer is None and entry.schema is not None:
         entry.infer = functools.partial(onnx_infer, entry.schema)
 
 

@@ -58,7 +58,9 @@ def _node(pattern: PatternNode, node: Node, state: Match) -> Iterator[Match]:
         return
     if node.op_type != pattern.op_type or node.domain != pattern.domain:
         return
-    if len(node.outputs) != pattern.outputs or len(node.inputs) != len(pattern.inputs):
+    if not _arity_matches(len(node.outputs), pattern.outputs, pattern.allow_other_outputs):
+        return
+    if not _arity_matches(len(node.inputs), len(pattern.inputs), pattern.allow_other_inputs):
         return
     if any(node is other for other in state.nodes.values()):
         return
@@ -73,6 +75,10 @@ def _node(pattern: PatternNode, node: Node, state: Match) -> Iterator[Match]:
         orders.append(pattern.inputs[::-1])
     for order in orders:
         yield from _inputs(order, node.inputs, 0, state)
+
+
+def _arity_matches(actual: int, wanted: int, allow_more: bool) -> bool:
+    return actual == wanted or (allow_more and actual > wanted)
 
 
 def _inputs(

@@ -12,6 +12,9 @@
   the schema's default); an attribute may also be a predicate, `axis=lambda a: a in (-1, 3)`.
   `_name="sm"` captures the node for `check`/`rewrite`; `_outputs=2` gives a multi-output node;
   `_optional=True` makes the node optional: the pattern also matches its first input directly.
+  `_allow_other_inputs=True` lets the node have more inputs than the pattern lists (trailing
+  optional ones, present or not), `_allow_other_outputs=True` more outputs than `_outputs`: the
+  pattern matches the first ones, and `check`/`rewrite` read the rest from the node.
   Add, Mul, Max, Min, And, Or, Xor, Equal and Sum match either input order.
 - `Const(value)` / `Const(predicate)`: a constant input (initializer or Constant node) whose value
   equals `value` everywhere (broadcast) or satisfies the predicate; `Const()` matches any constant.
@@ -74,6 +77,8 @@ class PatternNode:
     outputs: int = 1
     capture: str | None = None
     optional: bool = False
+    allow_other_inputs: bool = False
+    allow_other_outputs: bool = False
 
     @property
     def domain(self) -> str:
@@ -119,6 +124,8 @@ class OpBuilder:
         _outputs: int = 1,
         _name: str | None = None,
         _optional: bool = False,
+        _allow_other_inputs: bool = False,
+        _allow_other_outputs: bool = False,
         **attrs: Any,
     ) -> Any:
         for value in inputs:
@@ -129,7 +136,10 @@ class OpBuilder:
         if _optional and not inputs:
             raise TypeError(f"optional pattern node {name} needs an input to pass through")
         domain, op_type = split_op(name)
-        node = PatternNode(join_op(domain, op_type), list(inputs), attrs, _outputs, _name, _optional)
+        node = PatternNode(
+            join_op(domain, op_type), list(inputs), attrs, _outputs, _name, _optional,
+            _allow_other_inputs, _allow_other_outputs,
+        )  # fmt: skip
         self.created.append(node)
         if _outputs == 1:
             return NodeOutput(node, 0)

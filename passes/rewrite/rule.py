@@ -276,7 +276,8 @@ def _commit(
             raise InvalidGraphError(
                 f"rule {rule.label} replaced %{old.name} with a value of another type: {conflict}"
             )
-        new.type = merge_types(new.type, old.type)
+        if new.producer is not None:  # a graph input's or initializer's type is not refined
+            new.type = merge_types(new.type, old.type)
         revisit.extend(u for u in old.users() if u.op != "return")
         old.replace_all_uses_with(new)
     _remove_dead(graph, found.matched_nodes)
