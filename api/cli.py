@@ -69,13 +69,17 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the input .onnx file")
     parser.add_argument("-o", "--output", required=True, help="where to write the optimized model")
     parser.add_argument(
-        "--passes", default="O1", help="pipeline string or preset, e.g. 'O1,fold-constants{max-elements=4096}'"
+        "--passes",
+        default="O1",
+        help="pipeline string or preset, e.g. 'O1,fold-constants{max-elements=4096}'",
     )
     parser.add_argument("--target", default="onnx", help="onnx (default) or onnxruntime")
     parser.add_argument(
         "--external-data", action="store_true", help="write weights to <output>.data"
     )
-    parser.add_argument("--verify-each", action="store_true", help="run the verifier after every pass")
+    parser.add_argument(
+        "--verify-each", action="store_true", help="run the verifier after every pass"
+    )
     parser.add_argument(
         "--check-each",
         action="store_true",
@@ -83,7 +87,11 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
         "pass that changes the outputs",
     )
     parser.add_argument(
-        "--dim", action="append", default=[], metavar="NAME=N", help="symbolic dim size for --check-each"
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="symbolic dim size for --check-each",
     )
     parser.add_argument(
         "--dump-ir",
@@ -135,7 +143,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         console.print(result.table())
         refused = [n for n in result.notes if n.kind != "info"]
         for note in refused[:20]:
-            console.print(f"  {note.pass_name}: {note.kind} at {note.node}: {note.message}", markup=False)
+            console.print(
+                f"  {note.pass_name}: {note.kind} at {note.node}: {note.message}", markup=False
+            )
         if len(refused) > 20:
             console.print(f"  ... {len(refused) - 20} more notes (--report FILE has them all)")
     console.print(

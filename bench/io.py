@@ -52,39 +52,18 @@ def _console() -> Any:
 
 
 def build_model(directory: str) -> str:
-    """Export a randomly initialised GPT-2 small to `directory` (cached); returns the path."""
-    path = os.path.join(directory, f"{MODEL_NAME}.onnx")
-    if os.path.exists(path):
-        return path
-    try:
-        import torch
-        import transformers
-    except ImportError as error:
-        sys.exit(
-            f"bench/io.py needs torch and transformers to build its model ({error.name} is missing):"
-            " pip install 'graphopt[torch]'"
-        )
-    import warnings
+    """Export a randomly initialised GPT-2 small to `directory` (cached); returns the path.
 
-    warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(use_cache=False)).eval()
-    input_ids = torch.zeros((1, 16), dtype=torch.long)
-    os.makedirs(directory, exist_ok=True)
-    temp = os.path.join(directory, f".{MODEL_NAME}.partial.onnx")
-    try:  # current transformers use ops the TorchScript exporter lacks (aten::diff): dynamo first
-        torch.onnx.export(
-            model, (input_ids,), temp, dynamo=True, opset_version=18, external_data=False,
-            input_names=["input_ids"], output_names=["logits"], verbose=False,
-        )  # fmt: skip
-    except TypeError:  # torch < 2.5 has no `dynamo` argument
-        torch.onnx.export(
-            model, (input_ids,), temp, opset_version=17,
-            input_names=["input_ids"], output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-        )  # fmt: skip
-    os.replace(temp, path)
-    return path
+    The model comes from the zoo (`tests/models`, via `bench/models.py`): GPT-2 base, dynamo
+    exporter, input_ids only (no attention mask), symbolic batch and sequence dims."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from models import build_gpt2  # bench/models.py, which forwards to the zoo in tests/models
+
+    try:
+        path = build_gpt2(directory, size="base", attention_mask=False)
+    except ImportError as error:
+        sys.exit(f"bench/io.py needs torch and transformers to build its model: {error}")
+    return str(path)
 
 
 def _proc_status_kb(key: str) -> int | None:

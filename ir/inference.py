@@ -27,9 +27,26 @@ def constant_value(value: Value | None, limit: int = CONSTANT_LIMIT) -> np.ndarr
     array = value.const_value if value.is_constant else None
     producer = value.producer
     if array is None and producer is not None and producer.op == "Constant":
-        array = producer.get_attr("value")
+        array = _constant_attribute(producer)
     if isinstance(array, np.ndarray) and array.size <= limit:
         return array
+    return None
+
+
+_CONSTANT_FORMS = {
+    "value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+    "value_ints": np.int64,
+}  # fmt: skip
+
+
+def _constant_attribute(node: Node) -> np.ndarray | None:
+    """The tensor a Constant node holds, from whichever `value*` attribute it uses."""
+    value = node.get_attr("value")
+    if isinstance(value, np.ndarray):
+        return value
+    for name, dtype in _CONSTANT_FORMS.items():
+        if name in node.attrs:
+            return np.asarray(node.get_attr(name), dtype=dtype)
     return None
 
 

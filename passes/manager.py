@@ -87,6 +87,7 @@ class PassContext:
     notes: list[Note] = field(default_factory=list)
     current_pass: str = ""
     _analyses: dict[type, Any] = field(default_factory=dict)
+    _noted: set[tuple[str, str, str, str]] = field(default_factory=set)
 
     def analysis(self, kind: type[Analysis]) -> Any:
         if kind not in self._analyses:
@@ -97,8 +98,12 @@ class PassContext:
         self._analyses = {k: v for k, v in self._analyses.items() if k in preserved}
 
     def note(self, message: str, node: Node | None = None, kind: str = "info") -> None:
+        """Record a note for the report (once: a fixpoint repeating a refusal says it once)."""
         where = node.describe() if node is not None else ""
-        self.notes.append(Note(self.current_pass, message, where, kind))
+        key = (self.current_pass, message, where, kind)
+        if key not in self._noted:
+            self._noted.add(key)
+            self.notes.append(Note(self.current_pass, message, where, kind))
 
     def refuse(self, node: Node, reason: str) -> bool:
         """Record why a rewrite did not apply at `node`; returns False for `return ctx.refuse(..)`."""

@@ -21,3 +21,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# model zoo fixtures: zoo_model(name, exporter="dynamo", size="tiny", **options) -> Path, zoo_cache
+from models.fixtures import zoo_cache, zoo_model  # noqa: E402, F401

@@ -156,3 +156,16 @@ def gather_kernel(node: Node, env: KernelEnv) -> Kernel:
         return np.take(x, indices, axis=a)
 
     return run
+
+
+@register_kernel("GatherElements")
+def gather_elements_kernel(node: Node, env: KernelEnv) -> Kernel:
+    """np.take_along_axis (`onnx.reference`'s version fails on axes wider than 64)."""
+    axis = int(node.get_attr("axis", 0))
+
+    def run(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        a = axis + x.ndim if axis < 0 else axis
+        indices = np.where(indices < 0, indices + x.shape[a], indices)
+        return np.take_along_axis(x, indices.astype(np.int64), axis=a)
+
+    return run

@@ -91,10 +91,10 @@ def _dropout(node: Node, inputs: InferenceInputs) -> list[Type | None] | None:
 
 @rule("Cast")
 def _cast(node: Node, inputs: InferenceInputs) -> list[Type | None] | None:
-    t = inputs.types[0]
-    if not isinstance(t, TensorType):
+    t, to = inputs.types[0], node.get_attr("to")
+    if not isinstance(t, TensorType) or not isinstance(to, int):  # Cast-1 names the type
         return None
-    return [TensorType(DType(int(node.get_attr("to"))), t.shape)]
+    return [TensorType(DType(to), t.shape)]
 
 
 COMPARISONS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor"}
@@ -252,7 +252,7 @@ def _squeeze(node: Node, inputs: InferenceInputs) -> list[Type | None] | None:
 @rule("Concat")
 def _concat(node: Node, inputs: InferenceInputs) -> list[Type | None] | None:
     types = _tensors(inputs)
-    if not types:
+    if not types or not types[0].shape:
         return None
     rank = len(types[0].shape)  # type: ignore[arg-type]
     axis = int(node.get_attr("axis"))

@@ -35,7 +35,9 @@ class InferShapes(ModelPass):
         for node in graph:
             for sub in node.subgraphs():
                 changed |= self._graph(sub, model)
-            inferred = _branch_types(node) if node.op == "If" else infer_node(node, model.opset_imports)
+            inferred = (
+                _branch_types(node) if node.op == "If" else infer_node(node, model.opset_imports)
+            )
             for value, t in zip(node.outputs, inferred, strict=False):
                 conflict = type_conflict(value.type, t)
                 if conflict:

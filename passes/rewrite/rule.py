@@ -112,10 +112,14 @@ class RewriteRule:
     def pattern(self, op: Any, *values: Any) -> Any:
         raise NotImplementedError
 
-    def check(self, ctx: RewriteContext, **values: Value) -> bool:
+    # check and rewrite take any subset of the pattern's variables, by name: `*args: Any,
+    # **values: Any` lets subclasses name theirs (mypy accepts any override of that signature)
+    def check(self, ctx: RewriteContext, *args: Any, **values: Any) -> bool:
         return True
 
-    def rewrite(self, op: RewriteBuilder, **values: Value) -> Value | Sequence[Value] | None:
+    def rewrite(
+        self, op: RewriteBuilder, *args: Any, **values: Any
+    ) -> Value | Sequence[Value] | None:
         raise NotImplementedError
 
     @property
@@ -166,7 +170,9 @@ def apply_rules(
         by_op.setdefault((root.domain, root.op_type), []).append(rule)
     worklist: deque[Node] = deque(graph)
     queued: set[Node] = set(worklist)
-    refusals: set[tuple[str, int, str]] = set()
+    # why rules did not apply, by (rule, node, reason); reported at the end for the nodes still
+    # there (a node another rule rewrote later was not, in the end, refused)
+    refusals: dict[tuple[str, Node, str], None] = {}
     rewrites = 0
     limit = 10 * len(graph) + 1000
     while worklist:
@@ -190,6 +196,10 @@ def apply_rules(
                     queued.add(touched)
                     worklist.append(touched)
             break
+    if context is not None:
+        for label, node, reason in refusals:
+            if node.graph is graph:
+                context.note(f"{label}: {reason}", node, "refused")
     return rewrites
 
 
@@ -200,7 +210,7 @@ def _try(
     opset: int | None,
     opsets: dict[str, int],
     context: PassContext | None,
-    refusals: set[tuple[str, int, str]],
+    refusals: dict[tuple[str, Node, str], None],
 ) -> list[Node] | None:
     """Rewrite at `node` with the first match `rule` accepts; returns the nodes to revisit."""
     first_refusal: str | None = None
@@ -221,11 +231,8 @@ def _try(
             first_refusal = first_refusal or ctx.refusal
             continue
         return _commit(rule, node, graph, found, builder.created, result, opsets)
-    if first_refusal and context is not None:
-        key = (rule.label, id(node), first_refusal)
-        if key not in refusals:
-            refusals.add(key)
-            context.note(f"{rule.label}: {first_refusal}", node, "refused")
+    if first_refusal:
+        refusals[(rule.label, node, first_refusal)] = None
     return None
 
 
