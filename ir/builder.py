@@ -14,7 +14,7 @@ graph, or before `insert_before` when given, which is how rewrites place replace
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -39,9 +39,12 @@ class Builder:
         *inputs: Value | None,
         _outputs: int = 1,
         _name: str = "",
+        _attrs: Mapping[str, Any] | None = None,
         **attrs: Any,
     ) -> Any:
-        node = Node(op, inputs, attrs, outputs=_outputs, name=_name)
+        """Append (or insert) a node; `_attrs` passes attributes held in a dict (e.g. copied
+        from another node) beside the keyword ones."""
+        node = Node(op, inputs, {**(_attrs or {}), **attrs}, outputs=_outputs, name=_name)
         if self.insert_before is not None:
             self.graph.insert_before(self.insert_before, node)
         else:

@@ -417,6 +417,14 @@ class Graph:
         value.const_value = array
         self.initializers[value.name] = value  # type: ignore[index]
 
+    def freeze_input(self, value: Value) -> None:
+        """Make graph input `value`, which has a default, a constant: callers can no longer
+        override it and it leaves the graph's inputs (its readers are unchanged)."""
+        if value not in self._input_set or value.const_value is None:
+            raise InvalidGraphError(f"%{value.name} is not a graph input with a default")
+        self.inputs.remove(value)
+        self._input_set.discard(value)
+
     def remove_initializer(self, value: Value) -> None:
         if value.is_used:
             raise InvalidGraphError(f"cannot remove initializer %{value.name}: it is still used")

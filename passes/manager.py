@@ -171,12 +171,15 @@ class FunctionPass(Pass):
 
 # Built-in passes: name -> "module:attribute", imported when first asked for.
 BUILTIN_PASSES: dict[str, str] = {
+    "freeze-initializers": "graphopt.passes.cleanup.freeze_initializers:FreezeInitializers",
     "fold-constants": "graphopt.passes.cleanup.fold_constants:FoldConstants",
     "eliminate-dead-code": "graphopt.passes.cleanup.dead_code:EliminateDeadCode",
     "eliminate-common-subexpressions": "graphopt.passes.cleanup.cse:EliminateCommonSubexpressions",
     "infer-shapes": "graphopt.passes.cleanup.infer_shapes:InferShapes",
     "simplify-shapes": "graphopt.passes.cleanup.simplify_shapes:SimplifyShapes",
     "canonicalize": "graphopt.passes.cleanup.canonicalize:Canonicalize",
+    "fold-batchnorm": "graphopt.passes.fusion.fold_batchnorm:FoldBatchNorm",
+    "fold-conv-bias": "graphopt.passes.fusion.fold_conv_bias:FoldConvBias",
 }
 
 P = TypeVar("P", bound=type)

@@ -30,10 +30,13 @@ from graphopt.passes.manager import Fixpoint, Pass, PipelineItem, all_passes, ge
 __all__ = ["PRESETS", "PipelineError", "format_pass", "parse_pipeline", "preset_names"]
 
 CLEANUP = [
+    "freeze-initializers",
     "infer-shapes",
     "fold-constants",
     "simplify-shapes",
     "canonicalize",
+    "fold-batchnorm",
+    "fold-conv-bias",
     "eliminate-common-subexpressions",
     "eliminate-dead-code",
 ]
@@ -237,7 +240,7 @@ def _type_name(kind: Any) -> str:
 
 def format_pass(pass_: Pass) -> str:
     """`name{opt=value ...}` with the options that differ from their defaults."""
-    changed = []
+    changed: list[str] = []
     if dataclasses.is_dataclass(pass_):
         for f in dataclasses.fields(pass_):
             value = getattr(pass_, f.name)

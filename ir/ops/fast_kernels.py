@@ -49,21 +49,20 @@ def _elementwise(op: str, function: Callable[..., Any], *, variadic: bool = Fals
     register_kernel(op, since=7)(factory)
 
 
-for _op, _fn in {
+BINARY: dict[str, Callable[..., Any]] = {
     "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
-}.items():  # fmt: skip
-    _elementwise(_op, _fn)
-_elementwise("Max", np.maximum, variadic=True)
-_elementwise("Min", np.minimum, variadic=True)
-_elementwise("Sum", np.add, variadic=True)
-for _op, _fn in {
+}  # fmt: skip
+UNARY: dict[str, Callable[..., Any]] = {
     "Neg": np.negative, "Abs": np.abs, "Exp": np.exp, "Log": np.log, "Sqrt": np.sqrt,
     "Tanh": np.tanh, "Reciprocal": np.reciprocal, "Floor": np.floor, "Ceil": np.ceil,
     "Sin": np.sin, "Cos": np.cos,
     "Relu": lambda x: np.maximum(x, 0),
     "Sigmoid": lambda x: 1 / (1 + np.exp(-x)),
-}.items():  # fmt: skip
-    _elementwise(_op, _fn)
+}  # fmt: skip
+for _name, _function in {**BINARY, **UNARY}.items():
+    _elementwise(_name, _function)
+for _name, _function in {"Max": np.maximum, "Min": np.minimum, "Sum": np.add}.items():
+    _elementwise(_name, _function, variadic=True)
 
 
 @register_kernel("Identity")

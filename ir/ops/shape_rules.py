@@ -86,7 +86,8 @@ def _dropout(node: Node, inputs: InferenceInputs) -> list[Type | None] | None:
     t = inputs.types[0]
     if not isinstance(t, TensorType):
         return None
-    return [t, TensorType(DType.BOOL, t.shape)][: len(node.outputs)]
+    types: list[Type | None] = [t, TensorType(DType.BOOL, t.shape)]
+    return types[: len(node.outputs)]
 
 
 @rule("Cast")

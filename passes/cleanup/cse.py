@@ -1,9 +1,8 @@
 """eliminate-common-subexpressions: compute each distinct expression once.
 
-First identical constants are merged (same element type, shape and bytes; constants up to
-`max_constant_elements` elements are compared, bigger ones are weights that rarely repeat and cost
-a full read to hash). Then one forward walk keys every node by (op, attributes, input values) and
-sends the readers of a node whose key was seen to the first node's outputs. Inputs of commutative
+First identical constants are merged (same element type, shape and bytes; only constants whose
+dtype and shape another constant shares are hashed, so unique weights are never read). Then one
+forward walk keys every node by (op, attributes, input values) and sends the readers of a node whose key was seen to the first node's outputs. Inputs of commutative
 ops are keyed as a set, so Add(a, b) and Add(b, a) merge. Random ops and nodes with subgraphs are
 never merged.
 
@@ -28,7 +27,7 @@ from graphopt.passes.rewrite.pattern import COMMUTATIVE
 @register_pass("eliminate-common-subexpressions", "compute each distinct expression once")
 @dataclass
 class EliminateCommonSubexpressions(GraphPass):
-    max_constant_elements: int = 1 << 16
+    max_constant_elements: int = 1 << 26
 
     def run_on_graph(self, graph: Graph, context: PassContext) -> bool:
         changed = self._merge_constants(graph)
@@ -47,18 +46,24 @@ class EliminateCommonSubexpressions(GraphPass):
         return changed
 
     def _merge_constants(self, graph: Graph) -> bool:
-        changed = False
-        seen: dict[tuple[Any, ...], Value] = {}
-        for value in list(graph.initializers.values()):
+        """Merge equal constants; only constants sharing dtype and shape with another are read."""
+        groups: dict[tuple[Any, ...], list[Value]] = {}
+        for value in graph.initializers.values():
             array = value.const_value
             if value.is_graph_input or array is None or array.size > self.max_constant_elements:
                 continue
-            key = (array.dtype.str, array.shape, _digest(array))
-            first = seen.setdefault(key, value)
-            if first is not value and array.dtype.kind != "O":
-                value.replace_all_uses_with(first)
-                graph.remove_initializer(value)
-                changed = True
+            groups.setdefault((array.dtype.str, array.shape), []).append(value)
+        changed = False
+        for group in groups.values():
+            if len(group) < 2 or group[0].const_value.dtype.kind == "O":  # type: ignore[union-attr]
+                continue
+            seen: dict[bytes, Value] = {}
+            for value in group:
+                first = seen.setdefault(_digest(value.const_value), value)  # type: ignore[arg-type]
+                if first is not value:
+                    value.replace_all_uses_with(first)
+                    graph.remove_initializer(value)
+                    changed = True
         return changed
 
 

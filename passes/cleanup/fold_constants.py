@@ -40,7 +40,7 @@ KEEP_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLine
 @register_pass("fold-constants", "compute nodes whose inputs are all constants at compile time")
 @dataclass
 class FoldConstants(GraphPass):
-    max_elements: int = 1 << 20
+    max_elements: int = 1 << 28
 
     def run_on_graph(self, graph: Graph, context: PassContext) -> bool:
         interpreter = Interpreter(context.model)

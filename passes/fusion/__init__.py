@@ -1,0 +1,1 @@
+"""Fusion passes: several nodes become one that computes the same thing faster."""
