@@ -35,6 +35,7 @@ from graphopt.frontends.onnx_stream import (
 )
 from graphopt.ir.core import Attribute, Graph, Model, Node, Value, join_op
 from graphopt.ir.errors import InvalidGraphError, ModelLoadError, UnsupportedOpError
+from graphopt.ir.gc_pause import paused_gc
 from graphopt.ir.onnx_protos import attribute_from_proto, tensor_to_array, type_from_proto
 
 __all__ = ["load_onnx", "from_onnx", "DEVICE_KEY"]
@@ -71,7 +72,8 @@ def load_onnx(
     streamed = read_model(buffer, base_dir=base_dir, where=where)
     if not streamed.proto.HasField("graph"):
         raise _no_graph(where, bytes(buffer[:256]))
-    return _Importer(where, base_dir).model(streamed, min_opset)
+    with paused_gc():
+        return _Importer(where, base_dir).model(streamed, min_opset)
 
 
 def from_onnx(proto: onnx.ModelProto, base_dir: str = "", *, min_opset: int = 7) -> Model:
@@ -81,7 +83,8 @@ def from_onnx(proto: onnx.ModelProto, base_dir: str = "", *, min_opset: int = 7)
         raise TypeError(f"from_onnx expects an onnx.ModelProto, not {type(proto).__name__}")
     if not proto.HasField("graph"):
         raise _no_graph("<ModelProto>", b"")
-    return _Importer("<ModelProto>", base_dir).model(StreamedModel(proto, []), min_opset)
+    with paused_gc():
+        return _Importer("<ModelProto>", base_dir).model(StreamedModel(proto, []), min_opset)
 
 
 def _no_graph(where: str, head: bytes) -> ModelLoadError:

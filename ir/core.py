@@ -280,9 +280,21 @@ class Node:
 
     def set_attr(self, name: str, value: Any) -> None:
         self.attrs[name] = attr(value)
+        if self.graph is not None:
+            self.graph._track_subgraphs(self)
+
+    @property
+    def has_subgraphs(self) -> bool:
+        if self.graph is not None:
+            return self in self.graph._holders
+        return bool(self.subgraphs())
 
     def subgraphs(self) -> list[Graph]:
-        return [g for a in self.attrs.values() for g in a.graphs()]
+        graphs: list[Graph] = []
+        for a in self.attrs.values():
+            if a.kind is AttrKind.GRAPH or a.kind is AttrKind.GRAPHS:  # most nodes: none
+                graphs.extend(a.graphs())
+        return graphs
 
     def _add_uses(self) -> None:
         for index, value in enumerate(self._inputs):
@@ -348,6 +360,9 @@ class Graph:
         self._head: Node | None = None
         self._tail: Node | None = None
         self._count = 0
+        # nodes holding subgraphs, so walks over nested graphs skip the other 99.9% of nodes;
+        # kept by insert/remove/Node.set_attr (set graph attributes through set_attr)
+        self._holders: dict[Node, None] = {}
 
     # ----- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Node]:
@@ -378,10 +393,33 @@ class Graph:
 
     def all_nodes(self) -> Iterator[Node]:
         """Nodes of this graph and, depth first, of every subgraph."""
+        if not self._holders:
+            yield from self
+            return
         for node in self:
             yield node
+            if node in self._holders:
+                for sub in node.subgraphs():
+                    yield from sub.all_nodes()
+
+    def count_all(self) -> int:
+        """Nodes of this graph and of all its subgraphs."""
+        return self._count + sum(
+            sub.count_all() for node in self._holders for sub in node.subgraphs()
+        )
+
+    def nested_graphs(self) -> Iterator[Graph]:
+        """Every subgraph below this graph, innermost first."""
+        for node in list(self._holders):
             for sub in node.subgraphs():
-                yield from sub.all_nodes()
+                yield from sub.nested_graphs()
+                yield sub
+
+    def _track_subgraphs(self, node: Node) -> None:
+        if node.graph is self and node.subgraphs():
+            self._holders[node] = None
+        else:
+            self._holders.pop(node, None)
 
     def subgraph(self, name: str) -> Graph:
         """A new empty graph sharing this graph's name scope (for If/Loop/Scan bodies)."""
@@ -461,6 +499,7 @@ class Graph:
         else:
             nxt._prev = node
         self._count += 1
+        self._track_subgraphs(node)
         for value in node.outputs:
             self._claim(value, node.op_type.lower())
         node._add_uses()
@@ -502,6 +541,7 @@ class Graph:
         node._prev = node._next = None
         node.graph = None
         self._count -= 1
+        self._holders.pop(node, None)
 
     def _drop_all_uses(self) -> None:
         for node in self:

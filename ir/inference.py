@@ -50,21 +50,43 @@ def _constant_attribute(node: Node) -> np.ndarray | None:
     return None
 
 
-def infer_node(node: Node, opset_imports: Mapping[str, int]) -> list[Type | None]:
+def infer_node(
+    node: Node, opset_imports: Mapping[str, int], *, check: bool = True
+) -> list[Type | None]:
     """The output types of `node` as its op's rules give them (None where unknown).
 
-    Raises `InvalidGraphError` naming the node when the inputs break the op's typing rules."""
+    Raises `InvalidGraphError` naming the node when the inputs break the op's typing rules
+    (`check=False` skips the type-constraint check, for nodes already verified)."""
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     opset = opset_imports.get(domain, opset_imports.get("ai.onnx") if not domain else None)
     entry = REGISTRY.lookup(node.op, opset)
     if entry is None or entry.infer is None:
         return [None] * len(node.outputs)
+    types = [v.type if v is not None else None for v in node.inputs]
+    if check and entry.schema is not None:
+        from graphopt.ir.ops.onnx_inference import check_type_constraints
+
+        check_type_constraints(entry.schema, node, types)
     inputs = InferenceInputs(
-        [v.type if v is not None else None for v in node.inputs],
-        [constant_value(v) for v in node.inputs],
+        types,
+        lambda: [constant_value(v) for v in node.inputs],
         opset_imports,
     )
     return entry.infer(node, inputs)
+
+
+def check_input_types(node: Node, opset_imports: Mapping[str, int]) -> None:
+    """Raise `InvalidGraphError` naming `node` if its input element types break its op's type
+    constraints (Add of f32 and i64). Much cheaper than `infer_node`."""
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    opset = opset_imports.get(domain, opset_imports.get("ai.onnx") if not domain else None)
+    entry = REGISTRY.lookup(node.op, opset)
+    if entry is not None and entry.schema is not None:
+        from graphopt.ir.ops.onnx_inference import check_type_constraints
+
+        check_type_constraints(
+            entry.schema, node, [v.type if v is not None else None for v in node.inputs]
+        )
 
 
 def type_conflict(declared: Type | None, inferred: Type | None) -> str | None:

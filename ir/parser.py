@@ -20,11 +20,9 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
-import contextlib
 import difflib
-import gc
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -32,6 +30,7 @@ import numpy as np
 
 from graphopt.ir.core import Attribute, AttrKind, Graph, Model, Node, Value
 from graphopt.ir.errors import InvalidGraphError, TextParseError
+from graphopt.ir.gc_pause import paused_gc
 from graphopt.ir.printer import KIND_WORDS, format_type
 from graphopt.ir.types import DType, MapType, OptionalType, SequenceType, TensorType, Type
 
@@ -41,30 +40,17 @@ __all__ = ["parse_model", "parse_graph"]
 def parse_model(text: str) -> Model:
     """A `Model` from its text form (the header, metadata and functions are optional: fields left
     out take `Model`'s defaults)."""
-    with _no_gc():
+    with paused_gc():
         return _Parser(text).model()
 
 
 def parse_graph(text: str) -> Graph:
     """A `Graph` from a single `graph @name(...) {...}` block."""
-    with _no_gc():
+    with paused_gc():
         parser = _Parser(text)
         graph = parser.graph(None)
         parser.expect_end("after the graph")
         return graph
-
-
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector: parsing allocates millions of objects that all stay
-    alive, and the collections they trigger would double the parse time of a large model."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # ----- tokens ------------------------------------------------------------------------------------

@@ -95,14 +95,25 @@ sequence of outputs. Control-flow kernels take a `Frame` first (see `needs_frame
 KernelFactory = Callable[[Node, KernelEnv], Kernel]
 
 
-@dataclass
 class InferenceInputs:
     """What type inference knows about a node's inputs: their types, the values of the constant
-    ones (small constants only), and the model's opset imports."""
+    ones (small constants only; looked up on first use), and the model's opset imports."""
 
-    types: list[Type | None]
-    constants: list[Any | None]
-    opset_imports: Mapping[str, int]
+    def __init__(
+        self,
+        types: list[Type | None],
+        constants: list[Any | None] | Callable[[], list[Any | None]],
+        opset_imports: Mapping[str, int],
+    ):
+        self.types = types
+        self._constants = constants
+        self.opset_imports = opset_imports
+
+    @property
+    def constants(self) -> list[Any | None]:
+        if callable(self._constants):
+            self._constants = self._constants()
+        return self._constants
 
     def opset(self, domain: str) -> int:
         return _opset_for(self.opset_imports, domain)

@@ -7,7 +7,8 @@ before their node):
 - use lists are exact: each read is recorded in the value's uses, and each recorded use is a real
   read by a node that is still in a graph (no dangling users);
 - the node list is well linked, initializers hold arrays matching their types;
-- with `types=True`, each node's declared output types agree with what its op's inference gives
+- with `types=True`, each node's input element types fit its op's type constraints;
+- with `shapes=True` too, each node's declared output types agree with what its op's inference gives
   for its inputs (element type, rank, static dims): a mismatch is a user error, not a crash later.
 
 Passes run it after every change in tests and with `--verify-each`.
@@ -21,18 +22,18 @@ import numpy as np
 
 from graphopt.ir.core import Graph, Model, Node, Value
 from graphopt.ir.errors import InvalidGraphError
-from graphopt.ir.inference import infer_node, type_conflict
+from graphopt.ir.inference import check_input_types, infer_node, type_conflict
 from graphopt.ir.types import TensorType, tensor_type_of
 
 __all__ = ["verify", "verify_graph"]
 
 
-def verify(model: Model | Graph, *, types: bool = True) -> None:
+def verify(model: Model | Graph, *, types: bool = True, shapes: bool = True) -> None:
     """Raise `InvalidGraphError` naming the node and the broken rule, or return None."""
     if isinstance(model, Model):
-        verify_graph(model.graph, opset_imports=model.opset_imports, types=types)
+        verify_graph(model.graph, opset_imports=model.opset_imports, types=types, shapes=shapes)
     else:
-        verify_graph(model, types=types)
+        verify_graph(model, types=types, shapes=shapes)
 
 
 def verify_graph(
@@ -40,14 +41,16 @@ def verify_graph(
     *,
     opset_imports: Mapping[str, int] | None = None,
     types: bool = True,
+    shapes: bool = True,
 ) -> None:
-    _Verifier(opset_imports or {"": 21}, types).graph(graph, frozenset())
+    _Verifier(opset_imports or {"": 21}, types, shapes and types).graph(graph, frozenset())
 
 
 class _Verifier:
-    def __init__(self, opset_imports: Mapping[str, int], types: bool):
+    def __init__(self, opset_imports: Mapping[str, int], types: bool, shapes: bool):
         self.opset_imports = opset_imports
         self.types = types
+        self.shapes = shapes
         self.defined_anywhere: set[Value] = set()
 
     def fail(self, graph: Graph, message: str, hint: str | None = None) -> InvalidGraphError:
@@ -76,8 +79,10 @@ class _Verifier:
                         graph, f"{node.describe()}: output %{value.name} is not its own"
                     )
                 self.define(graph, value, visible, node.describe())
-            if self.types:
+            if self.shapes:
                 self.check_types(graph, node)
+            elif self.types:
+                check_input_types(node, self.opset_imports)
         self.reads(graph, graph.return_node, visible)
         for value in visible - outer:
             self.check_uses(graph, value)
@@ -93,11 +98,11 @@ class _Verifier:
         visible.add(value)
 
     def reads(self, graph: Graph, node: Node, visible: set[Value]) -> None:
-        reader = "the graph's outputs" if node is graph.return_node else node.describe()
         for index, value in enumerate(node.inputs):
             if value is None:
                 continue
             if value not in visible:
+                reader = "the graph's outputs" if node is graph.return_node else node.describe()
                 later = value.producer is not None and value.producer.graph is graph
                 raise self.fail(
                     graph,
@@ -110,6 +115,7 @@ class _Verifier:
                     else "insert its producer into the graph, or replace the use",
                 )
             if (node, index) not in value._uses:
+                reader = "the graph's outputs" if node is graph.return_node else node.describe()
                 raise self.fail(graph, f"{reader} reads %{value.name} but is not in its use list")
 
     def check_uses(self, graph: Graph, value: Value) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from graphopt.ir.core import Model
+from graphopt.ir.gc_pause import paused_gc
 from graphopt.passes.manager import (
     Analysis,
     GraphPass,
@@ -75,15 +76,16 @@ def optimize_model(
         instruments.append(VerifyEach())
     if check_each:
         instruments.append(CheckEach(dims=dict(check_dims or {})))
-    verify(model)
-    manager = PassManager(items, instruments)
-    context = PassContext(model, target=target, options=dict(options or {}))
-    before = count_nodes(model)
-    start = time.perf_counter()
-    manager.run(model, context)
-    seconds = time.perf_counter() - start
-    if not verify_each:
-        verify(model)
+    with paused_gc():
+        verify(model, shapes=False)  # structure and type constraints; infer-shapes checks the rest
+        manager = PassManager(items, instruments)
+        context = PassContext(model, target=target, options=dict(options or {}))
+        before = count_nodes(model)
+        start = time.perf_counter()
+        manager.run(model, context)
+        seconds = time.perf_counter() - start
+        if not verify_each:
+            verify(model, types=False)  # the input's types were checked; passes keep them
     label = passes if isinstance(passes, str) else ",".join(map(str, passes))
     return OptimizationResult(
         model, label, manager.records, context.notes, before, count_nodes(model), seconds

@@ -151,9 +151,7 @@ class GraphPass(Pass):
 
 
 def _graphs_innermost_first(graph: Graph) -> Iterator[Graph]:
-    for node in graph:
-        for sub in node.subgraphs():
-            yield from _graphs_innermost_first(sub)
+    yield from graph.nested_graphs()
     yield graph
 
 
@@ -330,7 +328,7 @@ class Instrument:
 
 
 def count_nodes(model: Model) -> int:
-    return sum(1 for _ in model.graph.all_nodes())
+    return model.graph.count_all()
 
 
 @dataclass
@@ -351,25 +349,45 @@ class PassManager:
         self.items = list(items)
         self.instruments = list(instruments)
         self.records: list[PassRecord] = []
+        self._count: int | None = (
+            None  # node count after the last pass (reused as the next "before")
+        )
 
     def run(self, model: Model, context: PassContext | None = None) -> PassContext:
         context = context or PassContext(model)
         context.model = model
         for item in self.items:
             if isinstance(item, Fixpoint):
-                for _ in range(item.limit):
-                    if not any([self._run_one(p, model, context) for p in item.passes]):
-                        break
+                self._fixpoint(item, model, context)
             else:
                 self._run_one(item, model, context)
         return context
+
+    def _fixpoint(self, group: Fixpoint, model: Model, context: PassContext) -> None:
+        """Repeat the group until a round changes nothing; a pass is skipped when nothing has
+        changed since it last ran (it would find nothing new)."""
+        changes = 0  # how many pass runs so far changed the model
+        last_seen: dict[int, int] = {}  # pass index -> `changes` when it last ran
+        for _ in range(group.limit):
+            round_changed = False
+            for index, pass_ in enumerate(group.passes):
+                if last_seen.get(index) == changes:
+                    continue
+                if self._run_one(pass_, model, context):
+                    changes += 1
+                    round_changed = True
+                last_seen[index] = changes
+            if not round_changed:
+                break
 
     def _run_one(self, pass_: Pass, model: Model, context: PassContext) -> bool:
         context.current_pass = pass_.name
         first_note = len(context.notes)
         for instrument in self.instruments:
             instrument.before_pass(pass_, model, context)
-        before = count_nodes(model)
+        before = (
+            self._count if self._count is not None and not self.instruments else count_nodes(model)
+        )
         start = time.perf_counter()
         try:
             changed = bool(pass_.run(model, context))
@@ -388,10 +406,11 @@ class PassManager:
         seconds = time.perf_counter() - start
         if changed:
             context.invalidate(pass_.preserves)
+        after = count_nodes(model) if changed or self._count is None else before
+        self._count = after
         record = PassRecord(
-            pass_.name, pass_.options(), seconds, before, count_nodes(model), changed,
-            context.notes[first_note:],
-        )  # fmt: skip
+            pass_.name, pass_.options(), seconds, before, after, changed, context.notes[first_note:]
+        )
         self.records.append(record)
         for instrument in self.instruments:
             instrument.after_pass(pass_, model, context, record)

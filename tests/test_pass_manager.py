@@ -213,3 +213,36 @@ def test_passes_command_lists_passes(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "fold-constants" in out and "O1:" in out
+
+
+def test_plugin_passes_come_from_entry_points(monkeypatch):
+    """A third-party package's entry point in group `graphopt.passes` becomes a pass."""
+    import importlib.metadata
+
+    import graphopt.passes.manager as manager
+
+    class FakeEntryPoint:
+        name = "test-plugin-pass"
+        value = "plugin_module:plugin_pass"
+        dist = None
+
+        def load(self):
+            def plugin_pass(model, context):
+                """Counts nodes (a plugin's pass)."""
+                context.note(f"{len(model.graph)} nodes")
+                return False
+
+            return plugin_pass
+
+    def entry_points(group=None):
+        return [FakeEntryPoint()] if group == "graphopt.passes" else []
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(manager, "_LOADED_PLUGINS", False)
+    info = manager.all_passes()["test-plugin-pass"]
+    assert (
+        info.origin.startswith("plugin") and info.description == "Counts nodes (a plugin's pass)."
+    )
+    result = optimize_model(_model(), "test-plugin-pass")
+    assert [n.message for n in result.notes] == ["3 nodes"]
+    manager._REGISTRY.pop("test-plugin-pass")

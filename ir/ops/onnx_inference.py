@@ -22,7 +22,7 @@ from graphopt.ir.errors import InvalidGraphError
 from graphopt.ir.onnx_protos import array_to_tensor, node_to_proto, type_from_proto, type_to_proto
 from graphopt.ir.ops.shape_rules import RULES
 from graphopt.ir.registry import REGISTRY, InferenceInputs, OpEntry
-from graphopt.ir.types import OptionalType, SequenceType, TensorType, Type
+from graphopt.ir.types import DType, OptionalType, SequenceType, TensorType, Type
 
 
 def onnx_infer(schema: Any, node: Node, inputs: InferenceInputs) -> list[Type | None]:
@@ -125,10 +125,13 @@ def _type_string(t: Type) -> str | None:
     return None
 
 
+_TENSOR_STRINGS = {dtype: f"tensor({dtype.name.lower()})" for dtype in DType}
+
+
 def type_string(t: Type | None) -> str | None:
     """ONNX's spelling of a type in schemas: `tensor(float)`, `seq(tensor(int64))` ..."""
-    if isinstance(t, TensorType):  # the element type decides; drop the shape for the cache
-        return _type_string(TensorType(t.dtype))
+    if isinstance(t, TensorType):  # the element type decides
+        return _TENSOR_STRINGS[t.dtype]
     return None if t is None else _type_string(t)
 
 
@@ -147,9 +150,8 @@ def _no_subgraph(graph: Any) -> onnx.GraphProto:
 
 
 def standard_infer(schema: Any, node: Node, inputs: InferenceInputs) -> list[Type | None]:
-    """Inference for a standard op: the type-parameter check, then graphopt's fast rule for the
-    op if it has one and it decides, else ONNX's own inference."""
-    check_type_constraints(schema, node, inputs.types)
+    """Inference for a standard op: graphopt's fast rule for the op if it has one and it
+    decides, else ONNX's own inference. (`infer_node` checks type constraints first.)"""
     fast = RULES.get(node.op_type)
     if fast is not None:
         result = fast(node, inputs)

@@ -46,6 +46,14 @@ def _tensors(inputs: InferenceInputs) -> list[TensorType] | None:
     return types
 
 
+def _known_dtypes(inputs: InferenceInputs) -> list[TensorType] | None:
+    """The input tensor types if all are tensors (shapes may be unknown), else None."""
+    types = [t for t in inputs.types if t is not None]
+    if len(types) != len(inputs.types) or not all(isinstance(t, TensorType) for t in types):
+        return None
+    return types  # type: ignore[return-value]
+
+
 def broadcast(shapes: Sequence[tuple[Dim, ...]]) -> tuple[Dim, ...] | None:
     """Multidirectional broadcasting of shapes with symbolic dims; None when ints clash."""
     rank = max(len(s) for s in shapes)
@@ -103,13 +111,15 @@ COMPARISONS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And
 
 @rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Mod", *COMPARISONS)
 def _broadcasting(node: Node, inputs: InferenceInputs) -> list[Type | None] | None:
-    types = _tensors(inputs)
-    if types is None or node.attrs.keys() - {"fmod"} or not types:
+    types = _known_dtypes(inputs)
+    if not types or node.attrs.keys() - {"fmod"}:
         return None
+    dtype = DType.BOOL if node.op_type in COMPARISONS else types[0].dtype
+    if any(t.shape is None for t in types):
+        return [TensorType(dtype, None)]
     shape = broadcast([t.shape for t in types])  # type: ignore[misc]
     if shape is None:
         return None  # let ONNX's inference word the error
-    dtype = DType.BOOL if node.op_type in COMPARISONS else types[0].dtype
     return [TensorType(dtype, shape)]
 
 
@@ -181,8 +191,18 @@ def _symbolic_product(dims: Sequence[Dim]) -> tuple[int, Counter[str]] | None:
 @rule("Reshape")
 def _reshape(node: Node, inputs: InferenceInputs) -> list[Type | None] | None:
     t, shape = inputs.types[0], inputs.constants[1] if len(inputs.constants) > 1 else None
-    if not isinstance(t, TensorType) or t.shape is None or shape is None or inputs.opset("") < 5:
+    if not isinstance(t, TensorType) or inputs.opset("") < 5:
         return None
+    if shape is None or t.shape is None:  # rank from the shape input's length, if known
+        target_type = inputs.types[1] if len(inputs.types) > 1 else None
+        length = None
+        if (
+            isinstance(target_type, TensorType)
+            and target_type.shape
+            and len(target_type.shape) == 1
+        ):
+            length = target_type.shape[0]
+        return [TensorType(t.dtype, (None,) * length if isinstance(length, int) else None)]
     allow_zero = bool(node.get_attr("allowzero", 0))
     target: list[Dim] = []
     for i, d in enumerate(int(x) for x in np.asarray(shape).reshape(-1)):

@@ -31,12 +31,20 @@ class InferShapes(ModelPass):
         return self._graph(model.graph, model)
 
     def _graph(self, graph: Graph, model: Model) -> bool:
+        # Node -> what its inputs and outputs were when it was last inferred: in a fixpoint this
+        # pass runs again and again, and a node whose neighbourhood is unchanged is skipped.
+        seen: dict[Node, tuple[object, ...]] = self.__dict__.setdefault("_seen", {})
         changed = False
         for node in graph:
-            for sub in node.subgraphs():
+            subgraphs = node.subgraphs() if node.has_subgraphs else ()
+            for sub in subgraphs:
                 changed |= self._graph(sub, model)
+            if not subgraphs and seen.get(node) == _signature(node):
+                continue
             inferred = (
-                _branch_types(node) if node.op == "If" else infer_node(node, model.opset_imports)
+                _branch_types(node)
+                if node.op == "If"
+                else infer_node(node, model.opset_imports, check=False)  # checked by verify
             )
             for value, t in zip(node.outputs, inferred, strict=False):
                 conflict = type_conflict(value.type, t)
@@ -50,7 +58,13 @@ class InferShapes(ModelPass):
                 if merged != value.type:
                     value.type = merged
                     changed = True
+            seen[node] = _signature(node)
         return changed
+
+
+def _signature(node: Node) -> tuple[object, ...]:
+    inputs = tuple((id(v), v.type) if v is not None else None for v in node.inputs)
+    return inputs, tuple(v.type for v in node.outputs)
 
 
 def _branch_types(node: Node) -> list[Type | None]:

@@ -79,18 +79,15 @@ class PatternNode:
     optional: bool = False
     allow_other_inputs: bool = False
     allow_other_outputs: bool = False
+    domain: str = field(init=False)
+    op_type: str = field(init=False)
+    commutative: bool = field(init=False)
 
-    @property
-    def domain(self) -> str:
-        return split_op(self.op)[0]
-
-    @property
-    def op_type(self) -> str:
-        return split_op(self.op)[1]
-
-    @property
-    def commutative(self) -> bool:
-        return self.domain == "" and self.op_type in COMMUTATIVE and len(self.inputs) == 2
+    def __post_init__(self) -> None:  # the matcher reads these for every candidate node
+        self.domain, self.op_type = split_op(self.op)
+        self.commutative = (
+            self.domain == "" and self.op_type in COMMUTATIVE and len(self.inputs) == 2
+        )
 
     def nodes(self) -> list[PatternNode]:
         """This node and every pattern node below it, each once, root first."""
