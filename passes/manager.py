@@ -176,6 +176,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "infer-shapes": "graphopt.passes.cleanup.infer_shapes:InferShapes",
     "simplify-shapes": "graphopt.passes.cleanup.simplify_shapes:SimplifyShapes",
     "canonicalize": "graphopt.passes.cleanup.canonicalize:Canonicalize",
+    "upgrade-opset": "graphopt.passes.conversion.upgrade_opset:UpgradeOpset",
     "fold-batchnorm": "graphopt.passes.fusion.fold_batchnorm:FoldBatchNorm",
     "fold-conv-bias": "graphopt.passes.fusion.fold_conv_bias:FoldConvBias",
 }

@@ -1,0 +1,1 @@
+"""Conversions between forms of the same model: opset versions, precisions."""
