@@ -6,6 +6,10 @@ imports it on first lookup, so users never need to.
 
 from graphopt.ir.ops import (
     attention,
+    contrib_activations,
+    contrib_attention,
+    contrib_matmul,
+    contrib_norms,
     control_flow,
     costs,
     fast_kernels,
@@ -18,6 +22,10 @@ from graphopt.ir.ops import (
 
 __all__ = [
     "attention",
+    "contrib_activations",
+    "contrib_attention",
+    "contrib_matmul",
+    "contrib_norms",
     "control_flow",
     "legacy",
     "costs",
