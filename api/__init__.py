@@ -14,9 +14,7 @@ import numpy as np
 
 from graphopt.ir.core import Model
 
-__all__ = ["load", "save", "run", "optimize", "from_graphsurgeon", "to_graphsurgeon", "BACKENDS"]
-
-BACKENDS = ("reference", "onnxruntime")
+__all__ = ["load", "save", "run", "optimize", "from_graphsurgeon", "to_graphsurgeon"]
 
 
 def load(source: str | os.PathLike[str] | bytes | Any) -> Model:
@@ -47,21 +45,11 @@ def run(
     inputs: Mapping[str, np.ndarray],
     backend: str = "reference",
 ) -> dict[str, np.ndarray]:
-    """Run `model` on `inputs` (name -> array) with `backend`; returns output name -> array."""
-    model = load(model)
-    if backend == "reference":
-        from graphopt.backends.reference import run_reference
+    """Run `model` on `inputs` (name -> array) with `backend` (a registered backend name, see
+    `graphopt backends`); returns output name -> array."""
+    from graphopt.backends.base import get_backend
 
-        return run_reference(model, dict(inputs))
-    if backend == "onnxruntime":
-        from graphopt.backends.onnxruntime import run_onnxruntime
-
-        return run_onnxruntime(model, dict(inputs))
-    from graphopt.ir.errors import GraphoptError
-
-    raise GraphoptError(
-        f"unknown backend '{backend}'", hint=f"choose one of: {', '.join(BACKENDS)}"
-    )
+    return get_backend(backend).compile(load(model)).run(dict(inputs))
 
 
 def optimize(

@@ -51,7 +51,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a model and print its outputs' shapes and stats")
     run.add_argument("model", help="an .onnx file")
-    run.add_argument("--backend", default="reference", help="reference (default) or onnxruntime")
+    run.add_argument(
+        "--backend",
+        default="reference",
+        help="a backend from `graphopt backends` (default reference)",
+    )
     run.add_argument("--inputs", help=".npz file with one array per input name")
     run.add_argument("--outputs", help="write the outputs to this .npz file")
     run.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
@@ -62,6 +66,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     passes = commands.add_parser("passes", help="list the registered passes and presets")
     passes.set_defaults(func=_cmd_passes)
+
+    backends = commands.add_parser("backends", help="list the backends and whether they run here")
+    backends.set_defaults(func=_cmd_backends)
     return parser
 
 
@@ -201,6 +208,26 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     console.print(table)
     for name, members in PRESETS.items():
         console.print(f"{name}: {', '.join(members) if members else '(nothing)'}")
+    return 0
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from graphopt.backends.base import all_backends
+
+    table = Table(title="backends", title_justify="left")
+    for column in ("name", "available here", "what it is", "from"):
+        table.add_column(column)
+    for name, info in sorted(all_backends().items()):
+        try:
+            backend = info.load()()
+            reason = backend.unavailable()
+            description = backend.description
+        except ImportError as error:
+            reason, description = f"cannot load: {error}", ""
+        table.add_row(name, "yes" if reason is None else f"no: {reason}", description, info.origin)
+    _console().print(table)
     return 0
 
 
