@@ -139,13 +139,7 @@ def _load() -> None:
         return
     _LOADED = True
     for name, target in BUILTIN_BACKENDS.items():
-        module, _, attr = target.partition(":")
-        _REGISTRY.setdefault(
-            name,
-            BackendInfo(
-                name, lambda m=module, a=attr: getattr(importlib.import_module(m), a), "built-in"
-            ),
-        )
+        _REGISTRY.setdefault(name, BackendInfo(name, _builtin_loader(target), "built-in"))
     from importlib.metadata import entry_points
 
     for entry in entry_points(group="graphopt.backends"):
@@ -155,6 +149,14 @@ def _load() -> None:
                 hint="rename the plugin's entry point",
             )
         _REGISTRY[entry.name] = BackendInfo(entry.name, _plugin_loader(entry), "plugin")
+
+
+def _builtin_loader(target: str) -> Callable[[], type[Backend]]:
+    def load() -> type[Backend]:
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
+    return load
 
 
 def _plugin_loader(entry: Any) -> Callable[[], type[Backend]]:
