@@ -242,6 +242,14 @@ def test_cast_to_its_own_type():
     refused(unary("f32[3]", untyped), "x's element type is unknown")
 
 
+def test_castlike_becomes_a_cast_to_the_declared_type():
+    model = folds(unary("i32[3]", "%y: f16[3] = CastLike(%x, %h)", ", %h: f16[2]"), ["Cast"])
+    assert model.graph.nodes[0].get_attr("to") == F16
+    folds(unary("f32[3]", "%y: f32[3] = CastLike(%x, %h)", ", %h: f32[2]"), [])  # then no-op
+    untyped = "%u = Relu(%h)\n  %y = CastLike(%x, %u)"
+    refused(unary("f32[3]", untyped, ", %h: f32[2]"), "target's element type is unknown")
+
+
 def two_casts(x: str, a: int, b: int) -> str:
     return unary(x, f"%m = Cast(%x) {{to = {a}}}\n  %y = Cast(%m) {{to = {b}}}")
 

@@ -357,6 +357,24 @@ class CastCast(_Rule):
         return op.op("Cast", x, **attrs)  # type: ignore[no-any-return]
 
 
+class CastLikeToCast(_Rule):
+    """CastLike reads only the element type of its second operand; once the graph declares it,
+    the node is that Cast, which then folds or drops like any other (exporters write
+    `CastLike(0, x)` for a zero bias, so the constant hides behind a non-constant operand)."""
+
+    def pattern(self, op: Any, x: Any, like: Any) -> Any:
+        return op.CastLike(x, like)
+
+    def check(self, ctx: RewriteContext, x: Value, like: Value) -> bool:
+        return ctx.dtype(like) is not None or ctx.refuse("the target's element type is unknown")
+
+    def rewrite(self, op: RewriteBuilder, x: Value, like: Value) -> Value:
+        dtype = op.ctx.dtype(like)
+        assert dtype is not None  # checked
+        attrs: dict[str, Any] = {"to": int(dtype), **op.ctx.root.attrs}  # saturate
+        return op.op("Cast", x, **attrs)  # type: ignore[no-any-return]
+
+
 class ExpandNoOp(_Rule):
     def pattern(self, op: Any, x: Any, shape: Any) -> Any:
         return op.Expand(x, shape)
@@ -597,6 +615,7 @@ RULES: tuple[RewriteRule, ...] = (
     TransposeTranspose(),  # Transpose(Transpose(x, p), q) -> Transpose(x, p∘q), or x if p∘q = id
     CastToOwnType(),  # Cast(x: T, to=T) -> x
     CastCast(),  # Cast(Cast(x: T, to=A), to=B) -> Cast(x, to=B), x if B = T; A holds every T
+    CastLikeToCast(),  # CastLike(x, y: T) -> Cast(x, to=T)
     ExpandNoOp(),  # Expand(x, s) -> x  when broadcast(shape(x), s) = shape(x)
     SliceFullRange(),  # Slice(x, starts=0, ends>=dim, axes, steps=1) -> x
     SqueezeUnsqueeze(),  # Squeeze(Unsqueeze(x, a), a) -> x
