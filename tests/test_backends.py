@@ -70,6 +70,7 @@ def example_plugin():
         )  # fmt: skip
         importlib.invalidate_caches()
         sys.path.insert(0, str(PLUGIN))  # editable installs take effect in new processes
+    base._REGISTRY.pop("example-numpy", None)  # an earlier test may have loaded it already
     base._LOADED = False
     yield
     base._REGISTRY.pop("example-numpy", None)
