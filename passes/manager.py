@@ -179,6 +179,18 @@ BUILTIN_PASSES: dict[str, str] = {
     "upgrade-opset": "graphopt.passes.conversion.upgrade_opset:UpgradeOpset",
     "fold-batchnorm": "graphopt.passes.fusion.fold_batchnorm:FoldBatchNorm",
     "fold-conv-bias": "graphopt.passes.fusion.fold_conv_bias:FoldConvBias",
+    "fuse-layernorm": "graphopt.passes.fusion.layernorm:FuseLayerNorm",
+    "fuse-rmsnorm": "graphopt.passes.fusion.rmsnorm:FuseRMSNorm",
+    "fuse-skip-layernorm": "graphopt.passes.fusion.skip_layernorm:FuseSkipLayerNorm",
+    "fuse-gelu": "graphopt.passes.fusion.gelu:FuseGelu",
+    "fuse-bias-gelu": "graphopt.passes.fusion.bias_gelu:FuseBiasGelu",
+    "fuse-conv-activation": "graphopt.passes.fusion.conv_activation:FuseConvActivation",
+    "reorder-activation-pooling": "graphopt.passes.fusion.activation_pooling:ReorderActivationPooling",
+    "fuse-attention": "graphopt.passes.fusion.attention:FuseAttention",
+    "fuse-rotary": "graphopt.passes.fusion.rotary:FuseRotary",
+    "fuse-matmul-add": "graphopt.passes.fusion.matmul_add:FuseMatMulAdd",
+    "fold-transpose-into-matmul": "graphopt.passes.fusion.transpose_matmul:FoldTransposeIntoMatMul",
+    "fuse-qkv": "graphopt.passes.fusion.qkv:FuseQKV",
 }
 
 P = TypeVar("P", bound=type)
