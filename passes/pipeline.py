@@ -8,7 +8,9 @@ names in kebab-case, and values are converted to the field's type (int, float, b
     O0  nothing
     O1  clean-up to a fixpoint: infer-shapes, fold-constants, simplify-shapes, canonicalize,
         eliminate-common-subexpressions, eliminate-dead-code
-    O2  O1 + fusion (the fusion passes, once they exist)
+    O2  O1, then upgrade-opset (to 23, where the fused standard ops live) and the fusions in the
+        order each enables the next (normalizations, GELU, rotary, attention, Q/K/V, the ONNX
+        Runtime-only forms, conv activations, transposes, bias Adds), then O1 again
     O3  O2 + layout and placement
 
 A mistake is one `PipelineError` whose message shows the pipeline with a caret under the offending
@@ -40,7 +42,22 @@ CLEANUP = [
     "eliminate-common-subexpressions",
     "eliminate-dead-code",
 ]
-FUSION: list[str] = []
+# Each fusion's module docstring says what it must follow; this order satisfies all of them.
+FUSION: list[str] = [
+    "upgrade-opset",
+    "fuse-layernorm",
+    "fuse-rmsnorm",
+    "fuse-gelu",
+    "fuse-rotary",
+    "fuse-attention",
+    "fuse-qkv",
+    "fuse-skip-layernorm",
+    "fuse-bias-gelu",
+    "fuse-conv-activation",
+    "reorder-activation-pooling",
+    "fold-transpose-into-matmul",
+    "fuse-matmul-add",
+]
 LAYOUT: list[str] = []
 
 PRESETS: dict[str, list[str]] = {
