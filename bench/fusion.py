@@ -17,6 +17,9 @@ per model: medians (ms), ratios to the original and to the better peer, fused-op
 machine (CPU model, SIMD flags, versions).
 
     python bench/fusion.py [--models gpt2,bert,llama,resnet] [--size base|tiny] [--pairs 30]
+        [--exporter dynamo|torchscript]
+    python bench/fusion.py --models light_resnet50,light_squeezenet   # old-opset CNNs the onnx
+        package ships: original vs graphopt O2 only (the peers fuse transformers)
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
+from common import machine, ort_session, relative_error, time_rotating  # noqa: E402
+
 FUSED_OPS = (
     "Attention", "MultiHeadAttention", "GroupQueryAttention", "LayerNormalization",
     "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
@@ -43,40 +47,6 @@ FUSED_OPS = (
     "FusedConv", "BatchNormalization", "Conv", "Gemm", "MatMul",
 )  # fmt: skip
 MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert", "llama": "gpt2", "resnet": "bert"}
-
-
-def machine() -> dict[str, Any]:
-    flags: list[str] = []
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", platform.machine()):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    flags = [
-                        f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in present
-                    ]
-                    break
-    except OSError:
-        pass
-    import onnxruntime
-
-    return {"cpu": model, "cpu_flags": flags, "onnxruntime": onnxruntime.__version__}
-
-
-def session(model: Any, threads: int = 2) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    data = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def op_counts(proto: Any) -> dict[str, int]:
@@ -118,30 +88,37 @@ def variants(name: str, size: str, path: str) -> dict[str, Callable[[], Any]]:
         model, _ = optimize_for_ort(onnx_ir.load(path))
         return onnx_ir.to_proto(model)
 
-    return {
-        "original": original,
-        "graphopt": graphopt_o2("onnx"),
-        "graphopt-ort": graphopt_o2("onnxruntime"),
-        "ort-tools": ort_tools,
-        "onnxscript": onnxscript_fusions,
+    ours = {"original": original, "graphopt": graphopt_o2("onnx")}
+    ours["graphopt-ort"] = graphopt_o2("onnxruntime")
+    if name not in MODEL_TYPES:  # a light model (old-opset CNN): the peers fuse transformers
+        return ours
+    return {**ours, "ort-tools": ort_tools, "onnxscript": onnxscript_fusions}
+
+
+def light_model(name: str) -> tuple[str, dict[str, np.ndarray]]:
+    """A light model the onnx package ships (`light_resnet50`) and random inputs for it."""
+    import onnx
+
+    path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+    path = os.path.join(path, f"{name}.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {
+        i.name: rng.random([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+        for i in ort_session(path).get_inputs()
     }
+    return path, feeds
 
 
-def relative_error(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
-    worst = 0.0
-    for e, a in zip(expected, actual, strict=True):
-        e64, a64 = np.asarray(e, np.float64), np.asarray(a, np.float64)
-        scale = max(float(np.abs(e64).max()), 1e-12)
-        worst = max(worst, float(np.abs(e64 - a64).max()) / scale)
-    return worst
-
-
-def measure(name: str, size: str, pairs: int, folder: str) -> dict[str, Any]:
+def measure(name: str, size: str, exporter: str, pairs: int, folder: str) -> dict[str, Any]:
     from models import build, sample_inputs
 
-    path = os.fspath(build(name, size=size, folder=folder))
-    feeds = sample_inputs(name, size, batch=1, sequence=128)
-    row: dict[str, Any] = {"bench": "fusion", "model": f"{name}-{size}", "threads": 2}
+    if name.startswith("light_"):
+        path, feeds = light_model(name)
+        row: dict[str, Any] = {"bench": "fusion", "model": name, "threads": 2}
+    else:
+        path = os.fspath(build(name, size=size, folder=folder, exporter=exporter))
+        feeds = sample_inputs(name, size, batch=1, sequence=128)
+        row = {"bench": "fusion", "model": f"{name}-{size}-{exporter}", "threads": 2}
     sessions: dict[str, Any] = {}
     expected = None
     for label, make in variants(name, size, path).items():
@@ -150,7 +127,7 @@ def measure(name: str, size: str, pairs: int, folder: str) -> dict[str, Any]:
             proto = make()
             row[f"{label}_build_s"] = round(time.perf_counter() - start, 2)
             row[f"{label}_ops"] = op_counts(proto)
-            s = session(proto)
+            s = ort_session(proto)
             outputs = s.run(None, feeds)
             if expected is None:
                 expected = outputs
@@ -162,22 +139,9 @@ def measure(name: str, size: str, pairs: int, folder: str) -> dict[str, Any]:
             sessions[label] = s
         except Exception as error:  # a peer that cannot handle this export
             row[f"{label}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-    times: dict[str, list[float]] = {label: [] for label in sessions}
-    for s in sessions.values():
-        for _ in range(5):
-            s.run(None, feeds)
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(f"{name}-{size}: timing {len(sessions)} variants", total=pairs)
-        for _ in range(pairs):
-            for label, s in sessions.items():
-                start = time.perf_counter()
-                s.run(None, feeds)
-                times[label].append(time.perf_counter() - start)
-            bar.advance(task)
-    medians = {label: statistics.median(t) * 1e3 for label, t in times.items()}
+    runners = {label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()}
+    times = time_rotating(runners, rounds=pairs, title=f"{name}-{size}")
+    medians = {label: statistics.median(t) for label, t in times.items()}
     for label, ms in medians.items():
         row[f"{label}_ms"] = round(ms, 3)
     base = medians.get("original")
@@ -196,6 +160,7 @@ def main() -> None:
     )
     parser.add_argument("--models", default="gpt2,bert,llama,resnet")
     parser.add_argument("--size", default="base", choices=["tiny", "base"])
+    parser.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     parser.add_argument("--pairs", type=int, default=30)
     args = parser.parse_args()
     import warnings
@@ -204,7 +169,7 @@ def main() -> None:
     folder = os.environ.get("GRAPHOPT_MODEL_CACHE", os.path.expanduser("~/.cache/graphopt-models"))
     info = machine()
     for name in args.models.split(","):
-        row = measure(name, args.size, args.pairs, folder)
+        row = measure(name, args.size, args.exporter, args.pairs, folder)
         print(json.dumps({**row, **info}), flush=True)
 
 

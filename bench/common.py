@@ -1,0 +1,104 @@
+"""What the benchmark scripts share: the machine description printed in every JSON line, ONNX
+Runtime sessions set up as ../shared/notes/benchmarking.md says (spinning off, fixed threads), the
+output check, and paired timing in rotating order with a progress bar.
+
+Timing: every runner runs once per round, the order rotated each round, so that drift in machine
+speed hits all alike; medians are compared. A runner still `cutoff` times slower than the fastest
+after `min_rounds` rounds stops being timed (untuned TVM code can take seconds per run), and
+keeps the median of the runs it had; warm-up likewise stops after 2 s.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "asimddp")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, SIMD flags, core count and the versions of the runtimes that are installed."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    flags = [flag for flag in SIMD_FLAGS if flag in present]
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": model, "cpu_flags": flags, "cores": os.cpu_count()}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("onnxruntime", "openvino", "apache-tvm", "torch"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def ort_session(model: Any, threads: int = 2, level: str = "ORT_ENABLE_ALL") -> Any:
+    """An ONNX Runtime CPU session on a path or ModelProto: `threads` intra-op threads, one
+    inter-op thread, spinning off, the given optimization level."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    data = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def relative_error(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """The worst output's max |actual - expected| over max |expected|."""
+    worst = 0.0
+    for e, a in zip(expected, actual, strict=True):
+        e64, a64 = np.asarray(e, np.float64), np.asarray(a, np.float64)
+        scale = max(float(np.abs(e64).max()), 1e-12)
+        worst = max(worst, float(np.abs(e64 - a64).max()) / scale)
+    return worst
+
+
+def time_rotating(
+    runners: Mapping[str, Callable[[], Any]], *, rounds: int = 30, warmup: int = 5,
+    min_rounds: int = 3, cutoff: float = 5.0, title: str = "timing",
+) -> dict[str, list[float]]:  # fmt: skip
+    """Milliseconds of each runner's timed runs (see the module docstring)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    active = list(runners)
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"{title}: warm-up", total=rounds)
+        for label in active:  # a slow runner warms up for 2 s at most
+            start = time.perf_counter()
+            for _ in range(warmup):
+                runners[label]()
+                if time.perf_counter() - start > 2.0:
+                    break
+        bar.update(task, description=f"{title}: {len(active)} runners")
+        for done in range(rounds):
+            shift = done % len(active)
+            for label in active[shift:] + active[:shift]:
+                start = time.perf_counter()
+                runners[label]()
+                times[label].append((time.perf_counter() - start) * 1e3)
+            bar.advance(task)
+            if done + 1 >= min_rounds and len(active) > 1:
+                best = min(statistics.median(times[label]) for label in active)
+                active = [a for a in active if statistics.median(times[a]) <= cutoff * best]
+    return times
