@@ -191,6 +191,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-matmul-add": "graphopt.passes.fusion.matmul_add:FuseMatMulAdd",
     "fold-transpose-into-matmul": "graphopt.passes.fusion.transpose_matmul:FoldTransposeIntoMatMul",
     "fuse-qkv": "graphopt.passes.fusion.qkv:FuseQKV",
+    "quantize-weights": "graphopt.passes.quantization.weights:QuantizeWeights",
 }
 
 P = TypeVar("P", bound=type)

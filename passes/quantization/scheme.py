@@ -1,0 +1,256 @@
+"""The quantization math, in one place: schemes, scale and zero point from a range, quantize and
+dequantize. Everything is vectorized numpy and follows ONNX's QuantizeLinear/DequantizeLinear.
+
+A `QuantScheme` says how a float tensor becomes integers:
+
+- `dtype`: int8 [-128, 127], uint8 [0, 255], int4 [-8, 7] or uint4 [0, 15];
+- `symmetric`: the zero point is the middle of the type (0 for signed types, 2^(bits-1) for
+  unsigned ones) and the scale covers [-a, a] with a = max(|min|, |max|), using the restricted
+  range [-(2^(bits-1) - 1), 2^(bits-1) - 1] around the zero point (int8: [-127, 127]), so that the
+  grid is symmetric; asymmetric: the range [min(lo, 0), max(hi, 0)] maps onto the whole type;
+- granularity: per tensor (`axis=None`), per channel (`axis=a`: one scale per index of axis a),
+  or per block (`axis=a, block_size=B`: one scale per B consecutive elements along axis a, for
+  each index of the other axes; ONNX's blocked quantization, opset 21);
+- `power_of_two`: scales rounded *up* to a power of two (the range stays covered).
+
+The functions:
+
+    lo, hi = tensor_range(x, scheme)              # per the granularity; shape = param_shape
+    scale, zero_point = compute_params(lo, hi, scheme)
+    q = quantize(x, scale, zero_point, scheme)    # rint(x / scale) + zp, saturated to the type
+    y = dequantize(q, scale, zero_point, scheme)  # (q - zp) * scale
+
+Parameters have ONNX's shapes: a scalar per tensor, a vector [D_a] per channel, and per block
+the tensor's shape with dim a replaced by ceil(D_a / B).
+
+Why `|dequantize(quantize(x)) - x| <= scale / 2` for x in the range: asymmetric, zp =
+rint(qmin - lo/s) puts the grid's ends at lo + d*s and hi + d*s with |d| <= 1/2, so x in
+[lo, hi] is at most s/2 from a grid point (interior points by rounding, the ends by d);
+symmetric, the grid [-qs*s, qs*s] with qs*s = a covers [-a, a] exactly. A power-of-two scale
+is at least the exact one, so the grid still covers the range. Zero is always on the grid: q(0)
+= zp, and (zp - zp) * s = 0 exactly (the range is widened to include 0).
+Rounding is half to even (`np.rint`), as ONNX's QuantizeLinear does; saturation clips to the
+type's range, so values outside the calibrated range clip to its ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+__all__ = [
+    "QDTYPES",
+    "QuantScheme",
+    "QuantizedTensor",
+    "compute_params",
+    "dequantize",
+    "expand_params",
+    "quantize",
+    "quantize_tensor",
+    "tensor_range",
+]
+
+# name -> (bits, signed)
+QDTYPES: dict[str, tuple[int, bool]] = {
+    "int8": (8, True),
+    "uint8": (8, False),
+    "int4": (4, True),
+    "uint4": (4, False),
+}
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How a float tensor is quantized; see the module docstring."""
+
+    dtype: str = "int8"
+    symmetric: bool = True
+    axis: int | None = None  # None: per tensor
+    block_size: int = 0  # > 0: blocks of this many elements along `axis`
+    power_of_two: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in QDTYPES:
+            raise ValueError(f"unknown quantized type '{self.dtype}'; known: {', '.join(QDTYPES)}")
+        if self.block_size < 0:
+            raise ValueError(f"block_size must be >= 0, not {self.block_size}")
+        if self.block_size and self.axis is None:
+            raise ValueError("blocked quantization needs an axis")
+
+    @property
+    def bits(self) -> int:
+        return QDTYPES[self.dtype][0]
+
+    @property
+    def signed(self) -> bool:
+        return QDTYPES[self.dtype][1]
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    @property
+    def granularity(self) -> str:
+        if self.axis is None:
+            return "per-tensor"
+        return "per-block" if self.block_size else "per-channel"
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The numpy dtype of quantized values (ml_dtypes' int4/uint4 for 4 bits)."""
+        if self.bits == 4:
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.int4 if self.signed else ml_dtypes.uint4)
+        return np.dtype(np.int8 if self.signed else np.uint8)
+
+    @property
+    def min_opset(self) -> int:
+        """The oldest ONNX opset whose QuantizeLinear/DequantizeLinear express this scheme:
+        10 per tensor, 13 per channel (axis), 21 per block or for 4-bit types."""
+        if self.block_size or self.bits == 4:
+            return 21
+        return 13 if self.axis is not None else 10
+
+    def with_axis(self, axis: int | None, block_size: int | None = None) -> QuantScheme:
+        return replace(
+            self, axis=axis, block_size=self.block_size if block_size is None else block_size
+        )
+
+    def param_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of scale and zero point for a tensor of `shape`."""
+        if self.axis is None:
+            return ()
+        axis = _axis(self.axis, len(shape))
+        if not self.block_size:
+            return (shape[axis],)
+        blocks = -(-shape[axis] // self.block_size)
+        return (*shape[:axis], blocks, *shape[axis + 1 :])
+
+
+def _axis(axis: int, rank: int) -> int:
+    if not -rank <= axis < rank:
+        raise ValueError(f"axis {axis} is out of range for a tensor of rank {rank}")
+    return axis % rank
+
+
+def tensor_range(x: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of `x` per the scheme's granularity, each of shape `param_shape(x.shape)`."""
+    x = np.asarray(x)
+    if scheme.axis is None:
+        return np.asarray(x.min()), np.asarray(x.max())
+    axis = _axis(scheme.axis, x.ndim)
+    if not scheme.block_size:
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        return x.min(axis=others), x.max(axis=others)
+    b = scheme.block_size
+    pad = -x.shape[axis] % b
+    if pad:  # repeat the last element: it changes neither min nor max
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, pad)
+        x = np.pad(x, widths, mode="edge")
+    blocked = x.reshape(*x.shape[:axis], x.shape[axis] // b, b, *x.shape[axis + 1 :])
+    return blocked.min(axis=axis + 1), blocked.max(axis=axis + 1)
+
+
+def compute_params(
+    lo: np.ndarray | float,
+    hi: np.ndarray | float,
+    scheme: QuantScheme,
+    scale_dtype: np.dtype | type = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero_point) for the range [lo, hi] (arrays of one shape, or scalars).
+
+    The range is widened to include 0; an empty range (all zeros) gets scale 1. The scale has
+    `scale_dtype`, the zero point the scheme's quantized dtype."""
+    lo64 = np.minimum(np.asarray(lo, np.float64), 0.0)
+    hi64 = np.maximum(np.asarray(hi, np.float64), 0.0)
+    if scheme.symmetric:
+        half = (1 << (scheme.bits - 1)) - 1  # int8: 127, int4: 7
+        scale = np.maximum(-lo64, hi64) / half
+        zero = np.full(scale.shape, 0 if scheme.signed else 1 << (scheme.bits - 1), np.float64)
+    else:
+        scale = (hi64 - lo64) / (scheme.qmax - scheme.qmin)
+    scale = np.where(scale > 0, scale, 1.0)
+    if scheme.power_of_two:
+        scale = np.exp2(np.ceil(np.log2(scale)))
+    scale_out = scale.astype(scale_dtype)
+    # a float32 scale rounded down would shrink the grid below the range: nudge it up
+    scale_out = np.where(
+        scale_out.astype(np.float64) < scale, np.nextafter(scale_out, np.inf), scale_out
+    ).astype(scale_dtype)
+    if not scheme.symmetric:
+        s = scale_out.astype(np.float64)
+        zero = np.clip(np.rint(scheme.qmin - lo64 / s), scheme.qmin, scheme.qmax)
+    return scale_out, zero.astype(scheme.numpy_dtype)
+
+
+def expand_params(param: np.ndarray, shape: tuple[int, ...], scheme: QuantScheme) -> np.ndarray:
+    """`param` (scale or zero point) broadcastable against a tensor of `shape`."""
+    param = np.asarray(param)
+    if scheme.axis is None or param.ndim == 0:
+        return param
+    axis = _axis(scheme.axis, len(shape))
+    if not scheme.block_size:
+        dims = [1] * len(shape)
+        dims[axis] = param.size
+        return param.reshape(dims)
+    repeated = np.repeat(param, scheme.block_size, axis=axis)
+    return np.take(repeated, np.arange(shape[axis]), axis=axis)
+
+
+def quantize(
+    x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, scheme: QuantScheme
+) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(rint(x / scale) + zero_point), rounding half to even; the
+    division is done in x's float type, as ONNX does."""
+    x = np.asarray(x)
+    s = expand_params(scale, x.shape, scheme)
+    q = np.rint(x / s.astype(x.dtype)).astype(np.float64)
+    if zero_point is not None:
+        q = q + expand_params(zero_point, x.shape, scheme).astype(np.float64)
+    return np.clip(q, scheme.qmin, scheme.qmax).astype(scheme.numpy_dtype)
+
+
+def dequantize(
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    scheme: QuantScheme,
+) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zero_point) * scale, in the scale's float type."""
+    q = np.asarray(q)
+    s = np.asarray(scale)
+    shifted = q.astype(np.float32)
+    if zero_point is not None:
+        shifted = shifted - expand_params(zero_point, q.shape, scheme).astype(np.float32)
+    return (shifted * expand_params(s, q.shape, scheme)).astype(s.dtype)
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor quantized by `scheme`: values, scale and zero point in ONNX's shapes."""
+
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    scheme: QuantScheme
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.values, self.scale, self.zero_point, self.scheme)
+
+
+def quantize_tensor(
+    x: np.ndarray, scheme: QuantScheme, scale_dtype: np.dtype | type | None = None
+) -> QuantizedTensor:
+    """Quantize `x` with parameters from its own range (what weight quantization does)."""
+    x = np.asarray(x)
+    dtype = scale_dtype or (x.dtype if x.dtype.kind == "f" else np.float32)
+    lo, hi = tensor_range(x, scheme)
+    scale, zero = compute_params(lo, hi, scheme, dtype)
+    return QuantizedTensor(quantize(x, scale, zero, scheme), scale, zero, scheme)
