@@ -58,7 +58,7 @@ def variants(name: str, size: str, path: str) -> dict[str, Callable[[], Any]]:
     import onnx
     from models.specs import MODELS
 
-    config = MODELS[name].config(size)
+    config = MODELS[name].config(size) if name in MODELS else {}
     heads = config.get("n_head", config.get("num_attention_heads", 0))
     hidden = config.get("n_embd", config.get("hidden_size", 0))
 
