@@ -46,9 +46,13 @@ def run(
     backend: str = "reference",
 ) -> dict[str, np.ndarray]:
     """Run `model` on `inputs` (name -> array) with `backend` (a registered backend name, see
-    `graphopt backends`); returns output name -> array."""
+    `graphopt backends`); returns output name -> array. A library compiled with the tvm backend
+    (`model.so` with `model.json` beside it) runs as it was compiled, whatever `backend` says."""
     from graphopt.backends.base import get_backend
+    from graphopt.backends.tvm import is_library, load_library
 
+    if is_library(model):
+        return load_library(model).run(dict(inputs))  # type: ignore[arg-type]
     return get_backend(backend).compile(load(model)).run(dict(inputs))
 
 
@@ -59,20 +63,22 @@ def optimize(
     target: str = "onnx",
     verify_each: bool = False,
     check_each: bool = False,
+    calibration: Any = None,
     **options: Any,
 ) -> Model:
     """Run a pass pipeline over `model` (changed in place) and return it.
 
     `passes` is a pipeline string (`"fold-constants,eliminate-dead-code"`), a preset (`"O0"`..`"O3"`)
-    or a list of pass names and pass objects. Other keyword arguments reach the passes as options of
-    the run (for example `calibration=feeds`). `graphopt.passes.optimize_model` returns the per-pass
-    report as well.
+    or a list of pass names and pass objects. `calibration` is the sample data quantize-static
+    calibrates on: an iterable of input dicts (name -> array). Other keyword arguments reach the
+    passes as options of the run. `graphopt.passes.optimize_model` returns the per-pass report as
+    well.
     """
     from graphopt.passes import optimize_model
 
     result = optimize_model(
         load(model), passes, target=target, verify_each=verify_each, check_each=check_each,
-        options=options,
+        options=options, calibration=calibration,
     )  # fmt: skip
     return result.model
 

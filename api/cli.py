@@ -11,10 +11,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graphopt.ir.errors import GraphoptError
+
+if TYPE_CHECKING:
+    from graphopt.ir.core import Model
 
 EXIT_USAGE = 2
 
@@ -50,7 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_show)
 
     run = commands.add_parser("run", help="run a model and print its outputs' shapes and stats")
-    run.add_argument("model", help="an .onnx file")
+    run.add_argument("model", help="an .onnx file, or a .so written by --target tvm:...")
     run.add_argument(
         "--backend",
         default="reference",
@@ -80,7 +84,13 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
         default="O1",
         help="pipeline string or preset, e.g. 'O1,fold-constants{max-elements=4096}'",
     )
-    parser.add_argument("--target", default="onnx", help="onnx (default) or onnxruntime")
+    parser.add_argument(
+        "--target",
+        default="onnx",
+        help="onnx (default), onnxruntime, openvino (writes OpenVINO IR .xml/.bin) or auto (the "
+        "fastest backend that computes the reference's outputs; writes its artifact), or "
+        "tvm:llvm[:native], tvm:aarch64, tvm:cuda[:sm_80] (writes a compiled .so and its .json)",
+    )
     parser.add_argument(
         "--external-data", action="store_true", help="write weights to <output>.data"
     )
@@ -110,6 +120,25 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dump-dir", help="write --dump-ir files here instead of printing")
     parser.add_argument("--report", metavar="FILE", help="write a JSON report of every pass here")
     parser.add_argument("-q", "--quiet", action="store_true", help="print no summary table")
+    parser.add_argument(
+        "--inputs", help="--target auto: .npz inputs to check and time on (default random, --dim)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="--target auto/openvino: threads (default 2)"
+    )
+    parser.add_argument(
+        "--tune", type=int, default=0, metavar="N",
+        help="--target tvm:...: MetaSchedule trials (database cached in <output stem>.tuning/)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fallback", nargs="?", const="onnxruntime", choices=["onnxruntime", "reference"],
+        help="--target tvm:...: run nodes TVM cannot lower on ONNX Runtime (or reference)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calibration", metavar="FILE.npz|random:N",
+        help="calibration data for quantize-static: an .npz with one array per input name, "
+        "samples on axis 0, or random:N for N seeded random samples (quick runs only)",
+    )  # fmt: skip
     parser.set_defaults(func=_cmd_optimize)
 
 
@@ -137,12 +166,19 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = graphopt.load(args.model)
     before, after = _parse_dumps(args.dump_ir)
+    compiled = args.target in ("auto", "openvino") or args.target.startswith("tvm:")
+    # passes see target onnx; a backend compiles
     result = optimize_model(
-        model, args.passes, target=args.target, verify_each=args.verify_each,
-        check_each=args.check_each, check_dims=_parse_dims(args.dim),
+        model, args.passes, target="onnx" if compiled else args.target,
+        verify_each=args.verify_each, check_each=args.check_each, check_dims=_parse_dims(args.dim),
         dump_before=before, dump_after=after, dump_folder=args.dump_dir,
+        calibration=_calibration(args, model),
     )  # fmt: skip
-    graphopt.save(result.model, args.output, external_data=args.external_data or None)
+    output = args.output
+    if compiled:
+        output = _compile_for_target(args, result.model)
+    else:
+        graphopt.save(result.model, args.output, external_data=args.external_data or None)
     if args.report:
         result.write_json(args.report)
     console = _console()
@@ -156,10 +192,62 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         if len(refused) > 20:
             console.print(f"  ... {len(refused) - 20} more notes (--report FILE has them all)")
     console.print(
-        f"[bold]{args.model}[/] -> [bold]{args.output}[/]: {result.nodes_before} -> "
+        f"[bold]{args.model}[/] -> [bold]{output}[/]: {result.nodes_before} -> "
         f"{result.nodes_after} nodes (passes: {args.passes}) in {time.perf_counter() - start:.2f} s"
     )
     return 0
+
+
+def _calibration(args: argparse.Namespace, model: Model) -> object:
+    """--calibration: samples from an .npz file, or random:N seeded random ones (labelled)."""
+    from graphopt.passes.quantization.calibration import from_npz, random_feeds
+
+    if not args.calibration:
+        return None
+    kind, sep, count = args.calibration.partition(":")
+    if kind == "random" and sep:
+        if not count.isdigit() or int(count) < 1:
+            raise GraphoptError(
+                f"bad --calibration '{args.calibration}'", hint="write random:N with N >= 1"
+            )
+        return random_feeds(model, int(count), seed=0, dims=_parse_dims(args.dim))
+    return from_npz(args.calibration, model)
+
+
+def _compile_for_target(args: argparse.Namespace, model: Model) -> str:
+    """--target openvino|auto: compile with the backend (auto: the fastest correct one, see
+    graphopt.backends.auto), write its artifact and return its path (-o's extension may change)."""
+    if args.target.startswith("tvm:"):  # --dim binds symbolic dims (tuning binds the rest to 1)
+        from graphopt.backends.tvm import compile_to_file
+
+        return compile_to_file(
+            model, args.target, args.output, tune=args.tune, fallback=args.fallback,
+            dims=_parse_dims(args.dim), say=lambda text: _console().print(text, markup=False),
+        )[0]  # fmt: skip
+    from graphopt.api.feeds import load_feeds, random_feeds
+    from graphopt.backends.auto import compile_and_save
+
+    feeds = None
+    if args.target == "auto":
+        feeds = (
+            load_feeds(args.inputs, model)
+            if args.inputs
+            else random_feeds(model, seed=0, dims=_parse_dims(args.dim))
+        )
+    console = _console()
+    written, selection = compile_and_save(
+        model, args.target, args.output, feeds=feeds, threads=args.threads,
+        external_data=args.external_data or None,
+    )  # fmt: skip
+    name = args.target
+    if selection is not None and selection.winner is not None:
+        if not args.quiet:
+            console.print(selection.table())
+        name = selection.winner.backend
+        console.print(f"auto: chose [bold]{name}[/] (fastest correct backend)")
+    if written[0] != args.output:
+        console.print(f"{name}: wrote {', '.join(written)} (not {args.output})", markup=False)
+    return written[0]
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -174,8 +262,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt.api.feeds import load_feeds, random_feeds
+    from graphopt.backends.tvm import is_library, library_signature
 
-    model = graphopt.load(args.model)
+    library = is_library(args.model)  # a .so from --target tvm:...: its JSON gives the inputs
+    model = library_signature(args.model) if library else graphopt.load(args.model)
     if args.inputs:
         feeds = load_feeds(args.inputs, model)
         source = args.inputs
@@ -183,9 +273,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         feeds = random_feeds(model, seed=args.seed, dims=_parse_dims(args.dim))
         source = f"random inputs, seed {args.seed}"
     start = time.perf_counter()
-    outputs = graphopt.run(model, feeds, backend=args.backend)
+    outputs = graphopt.run(args.model if library else model, feeds, backend=args.backend)
     elapsed = time.perf_counter() - start
-    _print_outputs(outputs, f"{args.model} on {args.backend} ({source}) in {elapsed * 1e3:.1f} ms")
+    backend = "tvm" if library else args.backend
+    _print_outputs(outputs, f"{args.model} on {backend} ({source}) in {elapsed * 1e3:.1f} ms")
     if args.outputs:
         _save_npz_atomically(args.outputs, outputs)
     return 0

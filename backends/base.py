@@ -111,6 +111,8 @@ class BackendInfo:
 BUILTIN_BACKENDS: dict[str, str] = {
     "reference": "graphopt.backends.reference_backend:ReferenceBackend",
     "onnxruntime": "graphopt.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino": "graphopt.backends.openvino:OpenVinoBackend",
+    "tvm": "graphopt.backends.tvm:TvmBackend",
 }
 
 _REGISTRY: dict[str, BackendInfo] = {}

@@ -57,13 +57,15 @@ def optimize_model(
     dump_after: Sequence[str] = (),
     dump_folder: str | None = None,
     options: Mapping[str, Any] | None = None,
+    calibration: Any = None,
 ) -> OptimizationResult:
     """Run `passes` (a pipeline string, preset, or list) over `model` in place.
 
     `verify_each` runs the verifier after every pass; `check_each` runs the reference interpreter on
     seeded random inputs (symbolic dims from `check_dims`, else 1) around every pass and raises at
-    the first one that changes the outputs. `options` reach passes as `context.options`
-    (calibration data, for instance)."""
+    the first one that changes the outputs. `options` reach passes as `context.options`.
+    `calibration` (an iterable of input dicts, e.g.
+    `passes.quantization.calibration.from_npz(path)`) reaches passes as `context.calibration`."""
     from graphopt.ir.verifier import verify
     from graphopt.passes.instrument import CheckEach, DumpIR, VerifyEach
     from graphopt.passes.pipeline import parse_pipeline
@@ -79,7 +81,9 @@ def optimize_model(
     with paused_gc():
         verify(model, shapes=False)  # structure and type constraints; infer-shapes checks the rest
         manager = PassManager(items, instruments)
-        context = PassContext(model, target=target, options=dict(options or {}))
+        context = PassContext(
+            model, target=target, options=dict(options or {}), calibration=calibration
+        )
         before = count_nodes(model)
         start = time.perf_counter()
         manager.run(model, context)

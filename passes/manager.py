@@ -84,6 +84,7 @@ class PassContext:
     model: Model
     target: str = "onnx"
     options: dict[str, Any] = field(default_factory=dict)
+    calibration: Any = None  # an iterable of input dicts (name -> array) for quantize-static
     notes: list[Note] = field(default_factory=list)
     current_pass: str = ""
     _analyses: dict[type, Any] = field(default_factory=dict)
@@ -192,6 +193,10 @@ BUILTIN_PASSES: dict[str, str] = {
     "fold-transpose-into-matmul": "graphopt.passes.fusion.transpose_matmul:FoldTransposeIntoMatMul",
     "fuse-qkv": "graphopt.passes.fusion.qkv:FuseQKV",
     "quantize-weights": "graphopt.passes.quantization.weights:QuantizeWeights",
+    "quantize-static": "graphopt.passes.quantization.static:QuantizeStatic",
+    "quantize-dynamic": "graphopt.passes.quantization.dynamic:QuantizeDynamic",
+    "convert-float16": "graphopt.passes.quantization.float16:ConvertFloat16",
+    "convert-bfloat16": "graphopt.passes.quantization.float16:ConvertBFloat16",
 }
 
 P = TypeVar("P", bound=type)
