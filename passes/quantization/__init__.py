@@ -1,2 +1,4 @@
 """Quantization: the scheme math (`scheme.py`), calibration data and observers (`calibration.py`,
-`observers.py`), and the passes that rewrite models (`weights.py`: quantize-weights)."""
+`observers.py`), the nodes and weights the int8 passes rewrite (`sites.py`), and the passes
+(`weights.py`: quantize-weights, `static.py`: quantize-static, `dynamic.py`: quantize-dynamic,
+`float16.py`: convert-float16 and convert-bfloat16)."""

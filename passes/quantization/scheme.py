@@ -45,6 +45,7 @@ __all__ = [
     "QuantizedTensor",
     "compute_params",
     "dequantize",
+    "dynamic_params",
     "expand_params",
     "quantize",
     "quantize_tensor",
@@ -254,3 +255,19 @@ def quantize_tensor(
     lo, hi = tensor_range(x, scheme)
     scale, zero = compute_params(lo, hi, scheme, dtype)
     return QuantizedTensor(quantize(x, scale, zero, scheme), scale, zero, scheme)
+
+
+def dynamic_params(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ONNX DynamicQuantizeLinear's (scale, zero point) for `x` (uint8, per tensor), computed as
+    the operator defines them, in float32: scale = (max(0, max x) - min(0, min x)) / 255 (1 for an
+    all-zero x, as ONNX Runtime does) and zero point = saturate(rint(-min(0, min x) / scale)).
+    ONNX Runtime's DynamicQuantizeMatMul quantizes its input the same way; `quantize` applies
+    them."""
+    x = np.asarray(x, np.float32)
+    lo = np.minimum(x.min(initial=0.0), np.float32(0))
+    hi = np.maximum(x.max(initial=0.0), np.float32(0))
+    scale = np.float32((hi - lo) / np.float32(255))
+    if scale == 0:
+        scale = np.float32(1)
+    zero = np.clip(np.rint(-lo / scale), 0, 255).astype(np.uint8)
+    return np.asarray(scale, np.float32), np.asarray(zero, np.uint8)
