@@ -6,7 +6,6 @@ exporters; outputs compared with the reference interpreter and with ONNX Runtime
 from __future__ import annotations
 
 import collections
-import importlib.util
 import itertools
 
 import numpy as np
@@ -134,15 +133,14 @@ def _ort_fused_matmul(a: np.ndarray, b: np.ndarray, attrs: dict) -> np.ndarray:
     return session.run(None, {"A": a, "B": b})[0]
 
 
-FLAGS = [f for f in itertools.product([0, 1], repeat=4)]
+# (rank, transA, transB, transBatchA, transBatchB); transBatch needs rank 3 or more
+CASES = [(rank, *f) for rank in (2, 3, 4) for f in itertools.product([0, 1], repeat=4)
+         if rank >= 3 or not (f[2] or f[3])]  # fmt: skip
 
 
-@pytest.mark.parametrize("rank", [2, 3, 4])
-@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "tA{}tB{}bA{}bB{}".format(*f))
-def test_fused_matmul_kernel_matches_onnxruntime(rank, flags):
-    trans_a, trans_b, batch_a, batch_b = flags
-    if (batch_a or batch_b) and rank < 3:
-        pytest.skip("transBatch needs rank 3")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "r{}tA{}tB{}bA{}bB{}".format(*c))
+def test_fused_matmul_kernel_matches_onnxruntime(case):
+    rank, trans_a, trans_b, batch_a, batch_b = case
     rng = np.random.default_rng(rank)
     batch = [2, 3][: rank - 2]
     b_batch = [1, 3][: rank - 2] if rank > 2 else []  # broadcast over the first batch axis
@@ -622,10 +620,6 @@ def test_matmul_add_on_zoo_models(zoo_model, name, exporter):
     assert after == before  # 3-D projections keep MatMul + Add, 2-D ones are Gemms already
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("graphopt.passes.fusion.attention") is None,
-    reason="fuse-attention is not written yet",
-)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_qkv_does_not_block_attention(zoo_model, name, exporter):
