@@ -12,35 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper
+from quant_checks import cosine, literal, run_ort
 
 import graphopt
 from graphopt.backends.onnx import to_onnx
 from graphopt.backends.reference import Interpreter
 from graphopt.ir import Model, parse_model, print_model
 from graphopt.passes import optimize_model
-
-
-def _ort(model: Model | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    proto = to_onnx(model) if isinstance(model, Model) else model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    names = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in names})
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _literal(array: np.ndarray) -> str:
-    return str([float(v) for v in array.astype(np.float64).ravel()])
-
 
 # ----- DynamicQuantizeMatMul: the kernel against ONNX Runtime's -----------------------------------
 
@@ -72,7 +50,7 @@ def test_dynamic_quantize_matmul_kernel_matches_onnx_runtime(b_type, per_column,
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     proto = helper.make_model(graph, opset_imports=opsets)
     a = rng.standard_normal((3, 5, k)).astype(np.float32) * 2 + 0.5
-    expected = _ort(proto, {"A": a})[0]
+    expected = run_ort(proto, {"A": a})[0]
     actual = Interpreter(graphopt.load(proto)).run({"A": a})["Y"]
     assert actual.shape == expected.shape == (3, 5, n)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -87,8 +65,8 @@ def _graph(op: str, k: int, n: int, seed: int) -> Model:
         w, b = rng.standard_normal((n, k, 3, 3)) / np.sqrt(9 * k), rng.standard_normal(n)
         return parse_model(f"""model opset={{"": 21}}
 graph @g(%x: f32[1,{k},6,6]) {{
-  %w: f32[{n},{k},3,3] = const {_literal(w)}
-  %b: f32[{n}] = const {_literal(b)}
+  %w: f32[{n},{k},3,3] = const {literal(w)}
+  %b: f32[{n}] = const {literal(b)}
   %y: f32[1,{n},4,4] = Conv(%x, %w, %b) {{kernel_shape = [3, 3]}}
   return %y
 }}""")
@@ -96,15 +74,15 @@ graph @g(%x: f32[1,{k},6,6]) {{
         w, c = rng.standard_normal((n, k)) / np.sqrt(k), rng.standard_normal(n)
         return parse_model(f"""model opset={{"": 21}}
 graph @g(%x: f32[4,{k}]) {{
-  %w: f32[{n},{k}] = const {_literal(w)}
-  %c: f32[{n}] = const {_literal(c)}
+  %w: f32[{n},{k}] = const {literal(w)}
+  %c: f32[{n}] = const {literal(c)}
   %y: f32[4,{n}] = Gemm(%x, %w, %c) {{transB = 1, alpha = 0.5, beta = 2.0}}
   return %y
 }}""")
     w = rng.standard_normal((k, n)) / np.sqrt(k)
     return parse_model(f"""model opset={{"": 21}}
 graph @g(%x: f32[2,4,{k}]) {{
-  %w: f32[{k},{n}] = const {_literal(w)}
+  %w: f32[{k},{n}] = const {literal(w)}
   %y: f32[2,4,{n}] = MatMul(%x, %w)
   return %y
 }}""")
@@ -175,7 +153,7 @@ def test_standard_form_runs_in_onnx_reference_and_onnx_runtime():
         proto = to_onnx(out)
         onnx.checker.check_model(proto, full_check=True)
         in_onnx = ReferenceEvaluator(proto).run(None, {"x": x})[0]
-        np.testing.assert_allclose(_ort(proto, {"x": x})[0], in_onnx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(run_ort(proto, {"x": x})[0], in_onnx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(Interpreter(out).run({"x": x})["y"], in_onnx, rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
@@ -186,7 +164,7 @@ def test_refusals():
     assert any("excluded" in note for note in notes)
     half = parse_model("""model opset={"": 21}
 graph @g(%x: f16[2,16]) {
-  %w: f16[16,16] = const """ + _literal(np.eye(16)) + """
+  %w: f16[16,16] = const """ + literal(np.eye(16)) + """
   %y: f16[2,16] = MatMul(%x, %w)
   return %y
 }""")  # fmt: skip
@@ -215,7 +193,7 @@ def test_zoo_accuracy(zoo_model, name, target, tmp_path):
 
     path = zoo_model(name, "dynamo")
     feeds = sample_inputs(name)
-    expected = _ort(graphopt.load(path), feeds)
+    expected = run_ort(graphopt.load(path), feeds)
     # O2 for onnxruntime fuses Conv + Relu into FusedConv, which quantize-dynamic leaves alone
     passes = "O2,quantize-dynamic" if target == "onnx" or name != "resnet" else "O1,quantize-dynamic"  # fmt: skip
     model = graphopt.optimize(graphopt.load(path), passes, target=target, verify_each=True)
@@ -224,8 +202,8 @@ def test_zoo_accuracy(zoo_model, name, target, tmp_path):
     assert quantized >= 5
     graphopt.save(model, tmp_path / "q.onnx")
     onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
-    in_ort = _ort(onnx.load(tmp_path / "q.onnx"), feeds)
+    in_ort = run_ort(onnx.load(tmp_path / "q.onnx"), feeds)
     in_reference = list(Interpreter(model).run(feeds).values())
     for e, a, r in zip(expected, in_ort, in_reference, strict=True):
-        assert _cosine(e, a) >= 0.99, (name, _cosine(e, a))
-        assert _cosine(e, r) >= 0.99, (name, _cosine(e, r))
+        assert cosine(e, a) >= 0.99, (name, cosine(e, a))
+        assert cosine(e, r) >= 0.99, (name, cosine(e, r))

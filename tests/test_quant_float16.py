@@ -7,35 +7,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from quant_checks import cosine, literal, run_ort
 
 import graphopt
-from graphopt.backends.onnx import to_onnx
 from graphopt.backends.reference import Interpreter
 from graphopt.ir import Model, parse_model, print_model
 from graphopt.ir.types import DType
 from graphopt.passes import optimize_model
-
-
-def _ort(model: Model | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    proto = to_onnx(model) if isinstance(model, Model) else model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    names = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in names})
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _literal(array: np.ndarray) -> str:
-    return str([float(v) for v in array.astype(np.float64).ravel()])
 
 
 def _attention_like(seed: int = 0) -> Model:
@@ -44,9 +22,9 @@ def _attention_like(seed: int = 0) -> Model:
     w1, w2, b = rng.standard_normal((16, 16)), rng.standard_normal((16, 8)), rng.standard_normal(8)
     return parse_model(f"""model opset={{"": 21}}
 graph @g(%x: f32[4,16]) {{
-  %w1: f32[16,16] = const {_literal(w1 / 4)}
-  %w2: f32[16,8] = const {_literal(w2)}
-  %b: f32[8] = const {_literal(b)}
+  %w1: f32[16,16] = const {literal(w1 / 4)}
+  %w2: f32[16,8] = const {literal(w2)}
+  %b: f32[8] = const {literal(b)}
   %h: f32[4,16] = MatMul(%x, %w1)
   %p: f32[4,16] = Softmax(%h) {{axis = -1}}
   %m: f32[4,8] = MatMul(%p, %w2)
@@ -77,9 +55,9 @@ def test_casts_only_at_the_edges_of_float32(pass_name):
     assert softmax.inputs[0].type.dtype == DType.FLOAT
     actual = Interpreter(out).run({"x": x})["y"]
     assert actual.dtype == np.float32
-    assert _cosine(expected, actual) >= (0.999 if half == "f16" else 0.99)
+    assert cosine(expected, actual) >= (0.999 if half == "f16" else 0.99)
     if half == "f16":
-        np.testing.assert_allclose(_ort(out, {"x": x})[0], actual, rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(run_ort(out, {"x": x})[0], actual, rtol=1e-2, atol=1e-2)
     again, _ = _convert(out, pass_name)
     assert [n.op for n in again.graph].count("Cast") == 4  # nothing left in float32 to convert
 
@@ -90,7 +68,7 @@ def test_without_keep_io_float32_inputs_and_outputs_are_float16():
     assert out.graph.outputs[0].type.dtype == DType.FLOAT16
     assert [n.op for n in out.graph].count("Cast") == 2  # around the Softmax only
     x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float16)
-    (y,) = _ort(out, {"x": x})
+    (y,) = run_ort(out, {"x": x})
     assert y.dtype == np.float16
 
 
@@ -109,7 +87,7 @@ graph @g(%x: f32[2]) {
   return %y
 }""")
     out, _ = _convert(model)
-    (y,) = _ort(out, {"x": np.ones(2, np.float32)})
+    (y,) = run_ort(out, {"x": np.ones(2, np.float32)})
     assert np.all(np.isfinite(y)) and y[0] == 65504
 
 
@@ -119,12 +97,12 @@ def test_zoo_accuracy(zoo_model, name, tmp_path):
 
     path = zoo_model(name, "dynamo")
     feeds = sample_inputs(name)
-    expected = _ort(graphopt.load(path), feeds)
+    expected = run_ort(graphopt.load(path), feeds)
     result = optimize_model(graphopt.load(path), "O2,convert-float16", verify_each=True)
     assert any("converted to float16" in n.message for n in result.notes)
     graphopt.save(result.model, tmp_path / "h.onnx")
     onnx.checker.check_model(str(tmp_path / "h.onnx"), full_check=True)
-    actual = _ort(onnx.load(tmp_path / "h.onnx"), feeds)
+    actual = run_ort(onnx.load(tmp_path / "h.onnx"), feeds)
     for e, a in zip(expected, actual, strict=True):
         assert a.dtype == np.float32
-        assert _cosine(e, a) >= 0.999, (name, _cosine(e, a))
+        assert cosine(e, a) >= 0.999, (name, cosine(e, a))

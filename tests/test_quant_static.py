@@ -11,41 +11,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
+from quant_checks import cosine, literal, run_ort
 
 import graphopt
 from graphopt.api.cli import main
-from graphopt.backends.onnx import to_onnx
 from graphopt.backends.reference import Interpreter
 from graphopt.ir import Model, parse_model, print_model
 from graphopt.ir.errors import GraphoptError
 from graphopt.passes import optimize_model
 
 
-def _ort(model: Model | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    proto = to_onnx(model) if isinstance(model, Model) else model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    names = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in names})
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _literal(array: np.ndarray) -> str:
-    return str([float(v) for v in array.astype(np.float64).ravel()])
-
-
 def _matmul(k: int, n: int, seed: int = 0, dtype: str = "f32", opset: int = 21) -> Model:
     w = np.random.default_rng(seed).standard_normal((k, n)) / np.sqrt(k)
-    values = _literal(w) if dtype == "f32" else str([int(v * 10) for v in w.ravel()])
+    values = literal(w) if dtype == "f32" else str([int(v * 10) for v in w.ravel()])
     return parse_model(f"""model opset={{"": {opset}}}
 graph @g(%x: {dtype}[2,4,{k}]) {{
   %w: {dtype}[{k},{n}] = const {values}
@@ -63,8 +41,8 @@ def _conv(c: int, m: int, seed: int = 0, pool: bool = False) -> Model:
     source = "%p" if pool else "%x"
     return parse_model(f"""model opset={{"": 21}}
 graph @g(%x: f32[1,{c},{size if not pool else 6},6]) {{
-  %w: f32[{m},{c},3,3] = const {_literal(w)}
-  %b: f32[{m}] = const {_literal(b)}
+  %w: f32[{m},{c},3,3] = const {literal(w)}
+  %b: f32[{m}] = const {literal(b)}
 {head}  %y: f32[1,{m},4,4] = Conv({source}, %w, %b) {{kernel_shape = [3, 3]}}
   return %y
 }}""")
@@ -152,7 +130,7 @@ def test_pooling_stays_quantized_with_the_same_parameters():
     first, second = (n for n in out.graph if n.op == "QuantizeLinear")
     assert first.inputs[1:] == second.inputs[1:]  # one calibrated range for the chain
     _no_requantization(out)
-    np.testing.assert_allclose(_ort(out, {"x": x})[0], Interpreter(out).run({"x": x})["y"],
+    np.testing.assert_allclose(run_ort(out, {"x": x})[0], Interpreter(out).run({"x": x})["y"],
                                rtol=1e-4, atol=1e-4)  # fmt: skip
 
 
@@ -161,8 +139,8 @@ def test_shared_activation_gets_one_pair():
     w1, w2 = rng.standard_normal((2, 16, 16))
     text = f"""model opset={{"": 21}}
 graph @g(%x: f32[4,16]) {{
-  %w1: f32[16,16] = const {_literal(w1)}
-  %w2: f32[16,16] = const {_literal(w2)}
+  %w1: f32[16,16] = const {literal(w1)}
+  %w2: f32[16,16] = const {literal(w2)}
   %a: f32[4,16] = MatMul(%x, %w1)
   %b: f32[4,16] = MatMul(%x, %w2)
   %y: f32[4,16] = Add(%a, %b)
@@ -225,7 +203,7 @@ def test_calibration_methods(method):
     data = [{"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)} for _ in range(3)]
     out = graphopt.optimize(model, f"quantize-static{{calibration={method} quantize-output-layer=true}}", calibration=data)  # fmt: skip
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
-    assert _cosine(Interpreter(_conv(3, 8)).run({"x": x})["y"], Interpreter(out).run({"x": x})["y"]) > 0.99  # fmt: skip
+    assert cosine(Interpreter(_conv(3, 8)).run({"x": x})["y"], Interpreter(out).run({"x": x})["y"]) > 0.99  # fmt: skip
 
 
 # ----- the command line ----------------------------------------------------------------------------
@@ -277,7 +255,7 @@ def test_zoo_accuracy(zoo_model, name, tmp_path):
 
     path = zoo_model(name, "dynamo")
     feeds = sample_inputs(name)  # seed 0: not among the calibration samples
-    expected = _ort(graphopt.load(path), feeds)
+    expected = run_ort(graphopt.load(path), feeds)
     model = graphopt.optimize(graphopt.load(path), "O2,quantize-static", verify_each=True,
                               calibration=_calibration_set(name))  # fmt: skip
     ops = [n.op for n in model.graph]
@@ -285,8 +263,8 @@ def test_zoo_accuracy(zoo_model, name, tmp_path):
     _no_requantization(model)
     graphopt.save(model, tmp_path / "q.onnx")
     onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
-    in_ort = _ort(onnx.load(tmp_path / "q.onnx"), feeds)
+    in_ort = run_ort(onnx.load(tmp_path / "q.onnx"), feeds)
     in_reference = list(Interpreter(model).run(feeds).values())
     for e, a, r in zip(expected, in_ort, in_reference, strict=True):
-        assert _cosine(e, a) >= 0.99, (name, _cosine(e, a))
-        assert _cosine(e, r) >= 0.99, (name, _cosine(e, r))
+        assert cosine(e, a) >= 0.99, (name, cosine(e, a))
+        assert cosine(e, r) >= 0.99, (name, cosine(e, r))
