@@ -37,16 +37,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from graphopt.ir.core import Model, Value
+from graphopt.ir.core import Value
 from graphopt.ir.types import DType
+from graphopt.passes.fusion._contrib import MS, ContribRewritePass
 from graphopt.passes.fusion.gelu import RTOL, Emit, gelu_rules
-from graphopt.passes.manager import PassContext, register_pass
-from graphopt.passes.rewrite import RewriteContext, RewritePass, RewriteRule
+from graphopt.passes.manager import register_pass
+from graphopt.passes.rewrite import RewriteContext, RewriteRule
 from graphopt.passes.rewrite.rule import RewriteBuilder
 
 __all__ = ["FuseBiasGelu", "split_bias"]
 
-MS = "com.microsoft"
 ORT_DTYPES = frozenset({DType.FLOAT, DType.FLOAT16})
 
 
@@ -140,7 +140,9 @@ class FastGelu(RewriteRule):
     "fuse-bias-gelu", "Add + Gelu -> BiasGelu, tanh GELU -> FastGelu (target onnxruntime)"
 )
 @dataclass
-class FuseBiasGelu(RewritePass):
+class FuseBiasGelu(ContribRewritePass):
+    not_standard = "BiasGelu and FastGelu are ONNX Runtime contrib ops"
+
     rtol: float = RTOL  # relative tolerance of the raw formulas' constants (as in fuse-gelu)
 
     def rules(self) -> list[RewriteRule]:
@@ -152,17 +154,3 @@ class FuseBiasGelu(RewritePass):
             FastGelu(),
             *gelu_rules(ContribEmit(), self.rtol),
         ]
-
-    def run(self, model: Model, context: PassContext) -> bool:
-        if context.target != "onnxruntime":
-            context.note(
-                f"nothing to do for target '{context.target}': BiasGelu and FastGelu are ONNX "
-                "Runtime contrib ops (use --target onnxruntime)"
-            )
-            return False
-        had_domain = MS in model.opset_imports
-        model.opset_imports.setdefault(MS, 1)
-        changed = super().run(model, context)
-        if not changed and not had_domain:
-            del model.opset_imports[MS]
-        return changed

@@ -37,17 +37,17 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.ir.core import Model, Node, Value
+from graphopt.ir.core import Node, Value
 from graphopt.ir.ops.contrib_activations import FUSED_CONV_ACTIVATIONS
 from graphopt.ir.types import DType, TensorType
-from graphopt.passes.manager import PassContext, register_pass
-from graphopt.passes.rewrite import RewriteContext, RewritePass, RewriteRule
+from graphopt.passes.fusion._contrib import MS, ContribRewritePass
+from graphopt.passes.manager import register_pass
+from graphopt.passes.rewrite import RewriteContext, RewriteRule
 from graphopt.passes.rewrite.matcher import schema_default
 from graphopt.passes.rewrite.rule import RewriteBuilder
 
 __all__ = ["ConvActivation", "ConvAddActivation", "FuseConvActivation", "activation_params"]
 
-MS = "com.microsoft"
 FLOAT_MAX = float(np.finfo(np.float32).max)
 
 
@@ -158,7 +158,11 @@ class ConvAddActivation(ConvActivation):
     "fuse-conv-activation", "Conv [+ residual] + activation -> FusedConv (target onnxruntime)"
 )
 @dataclass
-class FuseConvActivation(RewritePass):
+class FuseConvActivation(ContribRewritePass):
+    not_standard = (
+        "standard ONNX has no fused convolution (FusedConv is an ONNX Runtime contrib op)"
+    )
+
     residual: bool = True  # fuse-conv-activation{residual=false}: leave act(Conv + z) alone
 
     def rules(self) -> list[RewriteRule]:
@@ -166,17 +170,3 @@ class FuseConvActivation(RewritePass):
         if self.residual:
             rules += [ConvAddActivation(a) for a in FUSED_CONV_ACTIVATIONS]
         return rules + [ConvActivation(a) for a in FUSED_CONV_ACTIVATIONS]
-
-    def run(self, model: Model, context: PassContext) -> bool:
-        if context.target != "onnxruntime":
-            context.note(
-                f"nothing to do for target '{context.target}': standard ONNX has no fused "
-                "convolution (FusedConv is an ONNX Runtime contrib op; use --target onnxruntime)"
-            )
-            return False
-        had_domain = MS in model.opset_imports
-        model.opset_imports.setdefault(MS, 1)
-        changed = super().run(model, context)
-        if not changed and not had_domain:
-            del model.opset_imports[MS]
-        return changed
