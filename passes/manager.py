@@ -118,6 +118,9 @@ class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     preserves: ClassVar[tuple[type, ...]] = ()
+    # False for passes that change the numbers on purpose (pruning): the equivalence harness then
+    # checks that the model stays valid and runs, not that its outputs are kept
+    exact: ClassVar[bool] = True
 
     def run(self, model: Model, context: PassContext) -> bool:
         raise NotImplementedError
