@@ -61,7 +61,13 @@ FORMAT = "graphopt-tvm/1"
 def import_tvm() -> Any:
     """`import tvm`, without the `import torch` that tvm_ffi does on the way when torch is
     installed (2-9 s here, for DLPack interop graphopt does not use). torch imports normally
-    afterwards."""
+    afterwards.
+
+    TVM's worker threads spin-wait after each parallel region by default; they would steal the
+    cores from whatever runs next in the process (another backend timed beside it by `--target
+    auto`, the caller's own work). Like graphopt's ONNX Runtime sessions they sleep instead,
+    unless the user set `TVM_THREAD_POOL_SPIN_COUNT` (read when the thread pool starts)."""
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     if "tvm" in sys.modules or "torch" in sys.modules:
         import tvm
 

@@ -191,13 +191,15 @@ class Lowerer:
                 hint="run with --fallback to execute such nodes on ONNX Runtime",
             )
         try:
-            results = list(fn(self, node))
+            self._bind_results(node, list(fn(self, node)))
         except LoweringError:
             raise
         except Exception as error:  # a TVM type error: say which node caused it
             raise LoweringError(
                 f"cannot lower {node.describe()}: {type(error).__name__}: {error}"
             ) from error
+
+    def _bind_results(self, node: Node, results: list[Any]) -> None:
         for index, value in enumerate(node.outputs):
             result = results[index] if index < len(results) else None
             if result is None:
@@ -239,7 +241,7 @@ class Lowerer:
         if known is not None:
             expr = self.emit(self._materialize(known))
         elif value.const_value is not None:
-            expr = relax.const(np.ascontiguousarray(value.const_value))
+            expr = constant(value.const_value)
         else:
             self.fail(f"input %{value.name} has no value")
         self.env[value] = expr
@@ -248,7 +250,7 @@ class Lowerer:
     def _materialize(self, known: Known) -> Any:
         ints = known.ints()
         if ints is not None:
-            return relax.const(np.array(ints, dtype=known.dtype).reshape(known.items.shape))
+            return constant(np.array(ints, dtype=known.dtype).reshape(known.items.shape))
         flat = [_prim(v) for v in known.items.reshape(-1)]
         tensor = self.emit(relax.op.shape_to_tensor(relax.ShapeExpr(flat)))
         if known.items.shape != (len(flat),):
@@ -333,7 +335,7 @@ class Lowerer:
         return list(fresh)
 
     def const(self, value: Any, dtype: str) -> Any:
-        return relax.const(np.array(value, dtype=dtype))
+        return constant(np.array(value, dtype=dtype))
 
     def out_dtype(self, node: Node, index: int = 0) -> str:
         t = node.outputs[index].type
@@ -348,6 +350,13 @@ def _register_families() -> None:
     import graphopt.backends.tvm_lower_data  # noqa: F401
     import graphopt.backends.tvm_lower_elementwise  # noqa: F401
     import graphopt.backends.tvm_lower_nn  # noqa: F401
+
+
+def constant(array: np.ndarray) -> Any:
+    """A Relax constant of exactly `array`'s dtype. `relax.const` alone narrows int64 to int32
+    and float64 to float32 (silently, even when the values do not fit)."""
+    array = np.require(array, requirements="C")  # (np.ascontiguousarray makes scalars 1-D)
+    return relax.const(array, str(array.dtype))
 
 
 def lower_model(model: Model, dims: dict[str, int] | None = None) -> tvm.IRModule:

@@ -29,6 +29,7 @@ from graphopt.backends.tvm_lower import (
     axes_input,
     axis_of,
     broadcast_to,
+    constant,
     lowering,
 )
 from graphopt.ir.core import Node
@@ -209,7 +210,7 @@ def lower_gather(lw: Lowerer, node: Node) -> list[Any]:
         array = indices.const_value.astype(np.int64)
         if isinstance(dims[axis], int):
             array = np.where(array < 0, array + dims[axis], array)
-        return [relax.op.take(x, relax.const(array), axis, mode="clip")]
+        return [relax.op.take(x, constant(array), axis, mode="clip")]
     return [relax.op.take(x, lw.x(indices), axis, mode="wrap")]
 
 
@@ -284,7 +285,7 @@ def lower_constant(lw: Lowerer, node: Node) -> list[Any]:
         for index, item in np.ndenumerate(value):
             items[index] = bool(item) if value.dtype.kind == "b" else int(item)
         return [Known(items, str(value.dtype))]
-    return [relax.const(np.ascontiguousarray(value))]
+    return [constant(value)]
 
 
 @lowering("Range")

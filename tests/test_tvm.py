@@ -81,6 +81,24 @@ def test_zoo_model_matches_reference(name: str, exporter: str, zoo_model: Callab
     check(model, zoo_feeds(name))
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_zoo_model_with_every_dim_bound(name: str, zoo_model: Callable[..., Path]):
+    """All dims bound (what the benchmark and tuning compile): shape computations become
+    compile-time integer constants, which must keep their int64 type (GatherND and Max of the
+    attention mask refused int32 ones)."""
+    model = graphopt.optimize(graphopt.load(zoo_model(name)), "O2")
+    check(model, sample_inputs(name, batch=2, sequence=5), dims={"batch": 2, "sequence": 5})
+
+
+def test_constants_keep_their_dtype():
+    """int64 beyond int32's range and float64 survive lowering (relax.const narrows both)."""
+    big = np.array([1 << 40, -(1 << 35)], np.int64)
+    model, feeds = one_node("Add", [np.array([1, 2], np.int64), ("const", big)])
+    check(model, feeds)
+    model, feeds = one_node("Mul", [randn(3).astype(np.float64), ("const", np.array(1 + 1e-12))])
+    check(model, feeds)
+
+
 @settings(max_examples=25)
 @given(models())
 def test_random_graphs_match_reference(model: Model):
