@@ -148,6 +148,26 @@ def test_batch_normalization_9_runs_in_inference_mode():
     )
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
+def test_lrn_sums_over_channels(size: int):
+    """LRN's window runs over channels (onnx.reference's runs over the batch): against the spec
+    written out per channel, and against ONNX Runtime (which takes odd sizes only)."""
+    x = np.random.default_rng(size).standard_normal((2, 5, 3, 3)).astype(np.float32) * 5
+    model = _model(
+        [helper.make_node("LRN", ["x"], ["y"], size=size, alpha=1e-2, beta=0.75, bias=2.0)],
+        [_vi("x", [2, 5, 3, 3])], [_vi("y", [2, 5, 3, 3])], opset=13,
+    )  # fmt: skip
+    squares = np.zeros_like(x)
+    for c in range(5):
+        lo, hi = max(0, c - (size - 1) // 2), min(4, c + int(np.ceil((size - 1) / 2)))
+        squares[:, c] = (x[:, lo : hi + 1] ** 2).sum(axis=1)
+    spec = x / (2.0 + 1e-2 / size * squares) ** 0.75
+    ours = _ours(model, {"x": x})[0]
+    np.testing.assert_allclose(ours, spec, rtol=1e-5)
+    if size % 2:
+        np.testing.assert_allclose(ours, _ort(model, {"x": x})[0], rtol=1e-5)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     op=st.sampled_from(["Conv", "MaxPool", "AveragePool"]),

@@ -1,9 +1,11 @@
-"""Kernels for BatchNormalization and the Softmax family, with each opset's own semantics.
+"""Kernels for BatchNormalization, LRN and the Softmax family, with each opset's own semantics.
 
 `onnx.reference` gets these wrong for older opsets: it fills missing attributes with the *latest*
 schema's defaults, so Softmax-1..12 (whose default axis is 1 and which flattens the input to 2-D at
 `axis`) runs as Softmax-13 over the last axis, and BatchNormalization-9..13 always sees a momentum
 and runs in training mode. Both ops are also hot in real models, so graphopt computes them itself.
+Its LRN sums the squares over the wrong axis (the batch, not the channels: ONNX Runtime and the
+spec disagree with it on any input with more than one sample).
 """
 
 from __future__ import annotations
@@ -84,5 +86,28 @@ def batch_normalization_kernel(node: Node, env: KernelEnv) -> Kernel:
         shift = bias.astype(compute).reshape(shape) - mean.astype(compute).reshape(shape) * inv
         y = (x.astype(compute, copy=False) * inv + shift).astype(x.dtype, copy=False)
         return [y] + [None] * (len(node.outputs) - 1)
+
+    return run
+
+
+@register_kernel("LRN")
+def lrn_kernel(node: Node, env: KernelEnv) -> Kernel:
+    """y = x / (bias + alpha / size * sum of x^2 over the channel window)^beta, the window of
+    channel c being [c - floor((size - 1) / 2), c + ceil((size - 1) / 2)] clipped to the input."""
+    size = int(node.get_attr("size"))
+    alpha = float(node.get_attr("alpha", 1e-4))
+    beta = float(node.get_attr("beta", 0.75))
+    bias = float(node.get_attr("bias", 1.0))
+    before, after = (size - 1) // 2, size // 2  # size // 2 == ceil((size - 1) / 2)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        squares = np.square(x.astype(np.float64))
+        channels = x.shape[1]
+        # running sums over channels: window [lo, hi] is cumsum[hi + 1] - cumsum[lo]
+        padded = np.concatenate([np.zeros_like(squares[:, :1]), squares], axis=1).cumsum(axis=1)
+        index = np.arange(channels)
+        lo, hi = np.maximum(index - before, 0), np.minimum(index + after, channels - 1)
+        window = padded[:, hi + 1] - padded[:, lo]
+        return (x / (bias + alpha / size * window) ** beta).astype(x.dtype)
 
     return run
