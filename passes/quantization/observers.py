@@ -114,6 +114,10 @@ class MovingAverageObserver(Observer):
         return self.lo, self.hi
 
 
+# a first batch spread over less than this gets a span of its own (subnormal bin widths overflow)
+_MIN_SPAN = 1e-30
+
+
 @dataclass
 class HistogramObserver(Observer):
     """A histogram of `bins` equal bins over a span that grows to hold every value seen; the
@@ -143,8 +147,10 @@ class HistogramObserver(Observer):
         lo, hi = float(x.min()), float(x.max())
         if not self.counts.size:
             span = hi - lo
-            self.width = (span if span > 0 else max(abs(lo), 1.0) * 1e-3) / self.bins
-            self.left = lo if span > 0 else lo - self.width * self.bins / 2
+            if span < _MIN_SPAN:  # one value, or a spread too small to divide into bins
+                span, lo = max(abs(lo), 1.0) * 1e-3, (lo + hi) / 2 - max(abs(lo), 1.0) * 5e-4
+            self.width = span / self.bins
+            self.left = lo
             self.counts = np.zeros(self.bins, np.int64)
         self._grow(lo, hi)
         index = np.floor((x - self.left) / self.width).astype(np.int64)
@@ -167,6 +173,9 @@ class HistogramObserver(Observer):
             return
         m = int(np.ceil((self.left - lo) / self.width)) if lo < self.left else 0
         new_left = self.left - m * self.width
+        while new_left > lo:  # float safety: rounding may leave lo just outside
+            m += 1
+            new_left = self.left - m * self.width
         k = int(np.ceil((max(hi, right) - new_left) / (self.width * self.bins)))
         k = max(k, 1)
         while new_left + k * self.width * self.bins < max(hi, right):  # float safety
