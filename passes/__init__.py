@@ -92,5 +92,6 @@ def optimize_model(
             verify(model, types=False)  # the input's types were checked; passes keep them
     label = passes if isinstance(passes, str) else ",".join(map(str, passes))
     return OptimizationResult(
-        model, label, manager.records, context.notes, before, count_nodes(model), seconds
-    )
+        model, label, manager.records, context.notes, before, count_nodes(model), seconds,
+        context.artifacts,
+    )  # fmt: skip

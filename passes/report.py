@@ -2,7 +2,9 @@
 
 `OptimizationResult` holds one `PassRecord` per pass run (time, node counts before and after,
 whether it changed the model) and the notes passes left: rewrites made, and rewrites refused with
-the reason, naming the node.
+the reason, naming the node. `artifacts` are structured results passes left in
+`PassContext.artifacts` (e.g. "quantization": the per-layer quantization report): each goes into
+the JSON under its topic (`to_json()`), and those with a `table()` are shown after the pass table.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class OptimizationResult:
     nodes_before: int = 0
     nodes_after: int = 0
     seconds: float = 0.0
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,6 +47,7 @@ class OptimizationResult:
                 for r in self.records
             ],
             "notes": [dataclasses.asdict(n) for n in self.notes],
+            **{topic: artifact.to_json() for topic, artifact in self.artifacts.items()},
         }
 
     def write_json(self, path: str) -> None:
@@ -80,6 +84,10 @@ class OptimizationResult:
                 f"{seconds * 1e3:.1f}", str(notes.get(name, "")),
             )  # fmt: skip
         return table
+
+    def artifact_tables(self) -> list[Any]:
+        """The rich renderables of the artifacts that have a `table()`, in the order left."""
+        return [a.table() for a in self.artifacts.values() if callable(getattr(a, "table", None))]
 
 
 def _plain(value: Any) -> Any:

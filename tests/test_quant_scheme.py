@@ -12,13 +12,16 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from graphopt.passes.quantization.scheme import (
+    CLIP_GRID,
     QDTYPES,
     QuantScheme,
+    block_errors,
     compute_params,
     dequantize,
     expand_params,
     quantize,
     quantize_tensor,
+    search_params,
     tensor_range,
 )
 
@@ -63,6 +66,53 @@ def test_round_trip_error_is_at_most_half_a_step(case):
     # half a step, plus float32 rounding of x / scale and of the product
     slack = 1e-6 * np.abs(x.astype(np.float64)) + 1e-6 * step
     assert np.all(error <= step / 2 + slack), float((error - step / 2).max())
+
+
+@given(cases())
+def test_clip_search_never_has_a_larger_block_error(case):
+    """Per block (or channel, or tensor), the searched scale's squared error is at most the
+    min/max scale's; codes and zero points stay in the type's range; each element moves by at
+    most its own half step plus the largest clipping, (1 - min grid) * max(|lo|, |hi|); and the
+    block's root-mean-square error is at most half the min/max step."""
+    x, scheme = case
+    lo, hi, plain_scale, _, _, plain = _round_trip(x, scheme)
+    scale, zero = search_params(x, scheme)
+    assert scale.shape == zero.shape == scheme.param_shape(x.shape)
+    assert scale.dtype == np.float32 and zero.dtype == scheme.numpy_dtype
+    assert np.all(scale > 0) and np.all(scale <= plain_scale)
+    q = quantize(x, scale, zero, scheme)
+    codes = q.astype(np.int64)
+    assert codes.min() >= scheme.qmin and codes.max() <= scheme.qmax
+    zeros = np.asarray(zero).astype(np.int64)
+    assert np.all((zeros >= scheme.qmin) & (zeros <= scheme.qmax))
+    y = dequantize(q, scale, zero, scheme)
+    searched, baseline = block_errors(x, y, scheme), block_errors(x, plain, scheme)
+    assert np.all(searched <= baseline), float((searched - baseline).max())
+    x64 = x.astype(np.float64)
+    magnitude = expand_params(np.maximum(np.abs(lo), np.abs(hi)), x.shape, scheme).astype(np.float64)  # fmt: skip
+    step = expand_params(scale, x.shape, scheme).astype(np.float64)
+    slack = 1e-6 * np.abs(x64) + 1e-6 * step
+    bound = (1 - min(CLIP_GRID)) * magnitude + step / 2 + slack
+    assert np.all(np.abs(y.astype(np.float64) - x64) <= bound)
+    counts = block_errors(np.ones_like(x64), np.zeros_like(x64), scheme)  # elements per scale
+    plain_step = plain_scale.astype(np.float64)
+    assert np.all(np.sqrt(searched / counts) <= plain_step / 2 * (1 + 1e-5) + 1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["int4", "uint4"])
+def test_clip_search_lowers_the_error_of_heavy_tailed_weights(dtype):
+    """Blocks of 32 heavy-tailed weights (Student t, 4 degrees of freedom, like trained
+    projections): min/max spends the 16 levels on the tails; the search clips them in some
+    blocks, and the total squared error falls (measured: -18% symmetric, -5% asymmetric)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_t(4, (256, 64)) * 0.02).astype(np.float32)
+    scheme = QuantScheme(dtype, symmetric=dtype == "int4", axis=0, block_size=32)
+    plain = quantize_tensor(x, scheme)
+    searched = quantize_tensor(x, scheme, clip_search=True)
+    assert np.mean(searched.scale < plain.scale) > 0.2
+    before = block_errors(x, plain.dequantize(), scheme).sum()
+    after = block_errors(x, searched.dequantize(), scheme).sum()
+    assert after < (0.9 if dtype == "int4" else 0.98) * before, after / before
 
 
 @given(cases())

@@ -173,6 +173,7 @@ def test_random_graphs_stay_within_the_error_bound(
     block_option = 0 if form == "qdq-channel" else block
     options = (
         f"bits={bits} block-size={block_option} symmetric={str(symmetric).lower()} min-elements=1"
+        " clip-search=false"  # the elementwise bound is min/max's; clip search: test_quant_scheme
     )
     fmt = "matmulnbits" if form == "matmulnbits" else "qdq"
     out, notes = _quantize(model, f"{options} format={fmt}", "onnxruntime")
@@ -197,18 +198,53 @@ def test_random_graphs_stay_within_the_error_bound(
     assert print_model(again) == print_model(out)  # nothing left to do
 
 
-def test_qdq_model_runs_in_onnx_runtime_and_passes_the_checker():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_qdq_model_runs_in_onnx_runtime_and_passes_the_checker(symmetric):
+    """int4's default is asymmetric (uint4 codes and zero points); symmetric=true keeps int4."""
     model = _graph(64, 32)
     x = np.random.default_rng(0).standard_normal((2, 4, 64)).astype(np.float32)
-    out, _ = _quantize(model, "bits=4")
+    out, _ = _quantize(model, "bits=4" + (" symmetric=true" if symmetric else ""))
     proto = to_onnx(out)
     onnx.checker.check_model(proto, full_check=True)
     dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 1 and {a.name: a.i for a in dq[0].attribute} == {"axis": 0, "block_size": 32}
     weights = {i.name: i for i in proto.graph.initializer}
-    assert weights[dq[0].input[0]].data_type == onnx.TensorProto.INT4
+    code_type = onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4
+    assert weights[dq[0].input[0]].data_type == code_type
+    assert len(dq[0].input) == (2 if symmetric else 3)
+    if not symmetric:
+        assert weights[dq[0].input[2]].data_type == onnx.TensorProto.UINT4
+        assert list(weights[dq[0].input[2]].dims) == [2, 32]
     np.testing.assert_allclose(_ort(proto, {"x": x}, exact=True)[0], Interpreter(out).run({"x": x})["y"],
                                rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [64, 96])  # 96: 3 blocks, zero points of a row padded to 2 bytes
+def test_matmulnbits_zero_points_run_in_onnx_runtime(k):
+    """The default int4 MatMulNBits (asymmetric, clip search) packs [N, blocks] 4-bit zero points
+    per row, low nibble first: ONNX Runtime's kernel and the reference interpreter agree, and
+    the weights it decodes are within the block's min/max step of the float ones (RMS)."""
+    model = _graph(k, 24)
+    w = np.array(next(iter(model.graph.initializers.values())).const_value)  # [K, N]
+    x = np.random.default_rng(1).standard_normal((2, 4, k)).astype(np.float32)
+    out, notes = _quantize(model, "bits=4 format=matmulnbits", "onnxruntime")
+    assert not notes, notes
+    (node,) = [n for n in out.graph if n.op == "com.microsoft.MatMulNBits"]
+    zero = node.inputs[3]
+    assert zero is not None and zero.const_value is not None
+    assert zero.const_value.dtype == np.uint8 and zero.const_value.shape == (24, -(-k // 32 // 2))
+    proto = to_onnx(out)
+    np.testing.assert_allclose(_ort(proto, {"x": x}, exact=True)[0], Interpreter(out).run({"x": x})["y"],
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    from graphopt.ir.ops.contrib_quant import dequantize_nbits
+
+    decoded = dequantize_nbits(node.inputs[1].const_value, node.inputs[2].const_value,
+                               zero.const_value, k, 24, 4, 32)  # fmt: skip
+    decoded = np.asarray(decoded).reshape(24, k).T
+    blocks = w.reshape(k // 32, 32, 24)
+    step = (np.maximum(blocks.max(1), 0) - np.minimum(blocks.min(1), 0)) / 15
+    rms = np.sqrt(np.square(decoded - w).reshape(k // 32, 32, 24).mean(1))
+    assert np.all(rms <= step / 2 * (1 + 1e-4))
 
 
 def _refused(model: Model, options: str, reason: str, target: str = "onnx") -> None:

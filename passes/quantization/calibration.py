@@ -7,19 +7,21 @@ Calibration data is any iterable of input dicts (input name -> array); two sourc
     ranges = calibrate(model, data, method="percentile", percentile=99.99)
     lo, hi = ranges["attn_out"]
 
-`calibrate` runs the reference interpreter once per sample and feeds every watched value (by
-default every float tensor the main graph computes, and its float inputs) to one observer per
-value (`observers.py`): one pass over the data, nothing kept but the observers' state. The
-interpreter returns graph outputs only, so the watched values are made extra outputs of the
-graph for the duration of the run (and the outputs restored afterwards, also on error): no copy
-of the model or its weights is made. A rich progress bar shows the samples done, labelled with
+`observe(model, data, {name: consumer})` runs the reference interpreter once per sample and hands
+each watched value's array to its consumer; it is the one place calibration data goes through a
+model (pruning's activation statistics use it too). `calibrate` is built on it and feeds every
+watched value (by default every float tensor the main graph computes, and its float inputs) to
+one observer per value (`observers.py`): one pass over the data, nothing kept but the
+observers' state. The interpreter returns graph outputs only, so the watched values are made
+extra outputs of the graph for the duration of the run (and the outputs restored afterwards,
+also on error): no copy of the model or its weights is made. A rich progress bar shows the samples done, labelled with
 the data's source (random data says so).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,7 @@ from graphopt.ir.errors import GraphoptError
 from graphopt.ir.types import TensorType
 from graphopt.passes.quantization.observers import Observer, make_observer
 
-__all__ = ["CalibrationData", "calibrate", "float_values", "from_npz", "random_feeds"]
+__all__ = ["CalibrationData", "calibrate", "float_values", "from_npz", "observe", "random_feeds"]
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -143,14 +145,31 @@ def calibrate(
     the values to watch (default: `float_values` of the main graph); `axes` asks for per-channel
     ranges of some of them (value name -> channel axis). Runs the reference interpreter once
     per sample; the model is left as it was."""
-    from graphopt.backends.reference import Interpreter
-
-    graph = model.graph
-    watched = _resolve(graph, values)
+    watched = list(_resolve(model.graph, values))
     axes = dict(axes or {})
     observers: dict[str, Observer] = {
         name: make_observer(method, axis=axes.get(name), **options) for name in watched
     }
+    observe(model, data, {name: observers[name].update for name in watched}, progress=progress)
+    return {name: observer.range() for name, observer in observers.items()}
+
+
+def observe(
+    model: Model,
+    data: Iterable[Feeds],
+    consumers: Mapping[str, Callable[[np.ndarray], None]],
+    *,
+    progress: bool = False,
+) -> None:
+    """Run the reference interpreter once per sample of `data` and hand each watched value's
+    array to its consumer (value name -> callable), sample by sample. Names are graph inputs or
+    node outputs of the main graph. This is the one place that runs calibration data through a
+    model: the watched values become extra graph outputs for the run and the outputs are restored
+    afterwards (also on error); the model is otherwise left as it was."""
+    from graphopt.backends.reference import Interpreter
+
+    graph = model.graph
+    watched = _resolve(graph, list(consumers))
     outputs, names = graph.outputs, list(graph.output_names)
     present = set(outputs)
     extra = [v for v in dict.fromkeys(watched.values()) if v not in present]
@@ -161,10 +180,9 @@ def calibrate(
         for feeds in _with_progress(data, progress):
             results = list(interpreter.run(feeds).values())
             for name, value in watched.items():
-                observers[name].update(np.asarray(results[position[value]]))
+                consumers[name](np.asarray(results[position[value]]))
     finally:
         graph.set_outputs(outputs, names)
-    return {name: observer.range() for name, observer in observers.items()}
 
 
 def _resolve(graph: Graph, names: Sequence[str] | None) -> dict[str, Value]:

@@ -26,13 +26,15 @@ sum_k (|x_k| s_w / 2 + |w_k| s_x / 2 + s_x s_w / 4).
 
 Refuses a Gemm with transA (MatMulInteger has none), a bias that is not a constant, and an
 activation that is not float32 (DynamicQuantizeLinear's only input type); the final projection
-stays float unless `quantize-output-layer=true`, as in quantize-static.
+stays float unless `quantize-output-layer=true`, as in quantize-static. `max-accuracy-drop=X`
+keeps the most harmful layers float (`mixed_precision.py`); each quantized layer is recorded for
+the quantization report (`quant_report.py`); the pass warns on a CPU without fast int8.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -40,6 +42,9 @@ from graphopt.ir.core import Graph, Model, Node, Value
 from graphopt.ir.ops.contrib_dynamic_quant import DYNAMIC_QUANTIZE_MATMUL
 from graphopt.ir.types import DType, TensorType, Type
 from graphopt.passes.manager import ModelPass, PassContext, register_pass
+from graphopt.passes.quantization.driver import run_quantization
+from graphopt.passes.quantization.mixed_precision import check_budget
+from graphopt.passes.quantization.quant_report import record_layer, weight_layer
 from graphopt.passes.quantization.scheme import QuantScheme, quantize_tensor
 from graphopt.passes.quantization.sites import Site, drop_initializer, find_sites
 
@@ -55,13 +60,23 @@ Quantized = tuple[Value, Value, Value]  # x_q, scale, zero point
 )
 @dataclass
 class QuantizeDynamic(ModelPass):
+    exact: ClassVar[bool] = False  # lossy: its tests hold it to an accuracy budget
+
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
     quantize_output_layer: bool = False
     min_elements: int = 128
     signed_weights: bool = False
+    max_accuracy_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_accuracy_drop is not None:
+            check_budget(self.max_accuracy_drop)
 
     def run(self, model: Model, context: PassContext) -> bool:
+        return run_quantization(self, model, context, int8_compute=True)
+
+    def quantize(self, model: Model, context: PassContext) -> bool:
         if model.opset < 11:
             context.note(
                 f"DynamicQuantizeLinear needs opset 11, the model imports {model.opset}: run "
@@ -79,12 +94,15 @@ class QuantizeDynamic(ModelPass):
             if not self.check(site, context):
                 continue
             if site.node.op == "MatMul" and context.target == "onnxruntime":
-                self.to_fused(graph, site)
+                out = self.to_fused(graph, site)
                 model.opset_imports.setdefault("com.microsoft", 1)
                 fused += 1
             else:
-                self.to_integer(graph, site, done)
+                out = self.to_integer(graph, site, done)
                 integer += 1
+            axis = site.channel_axis if self.per_channel else None
+            scheme = QuantScheme(self.weight_type(site), True, axis=axis)
+            record_layer(context, weight_layer(site.node, site.array, scheme, "dynamic", out.name))
         if fused or integer:
             context.note(
                 f"quantized {fused + integer} nodes: {integer} to MatMulInteger/ConvInteger, "
@@ -120,7 +138,7 @@ class QuantizeDynamic(ModelPass):
     def weight_type(self, site: Site) -> str:
         return "int8" if self.signed_weights and site.node.op != "Conv" else "uint8"
 
-    def to_fused(self, graph: Graph, site: Site) -> None:
+    def to_fused(self, graph: Graph, site: Site) -> Value:
         codes, scale, _ = self.weight(site, self.weight_type(site))
         node, name = site.node, site.weight.name or "w"
         inputs = [
@@ -133,8 +151,9 @@ class QuantizeDynamic(ModelPass):
             inputs.append(graph.add_initializer(graph.scope.fresh(f"{name}_zero_point"), zero))
         out = _emit(graph, node, DYNAMIC_QUANTIZE_MATMUL, inputs, node.outputs[0].type)
         _replace(graph, site, out)
+        return out
 
-    def to_integer(self, graph: Graph, site: Site, done: dict[Value, Quantized]) -> None:
+    def to_integer(self, graph: Graph, site: Site, done: dict[Value, Quantized]) -> Value:
         node, name = site.node, site.weight.name or "w"
         conv = node.op == "Conv"
         codes, scale, _ = self.weight(site, self.weight_type(site))
@@ -164,6 +183,7 @@ class QuantizeDynamic(ModelPass):
             b = graph.add_initializer(graph.scope.fresh(f"{name}_bias"), bias)
             y = _emit(graph, node, "Add", [y, b], out_type)
         _replace(graph, site, y)
+        return y
 
     def bias(self, site: Site, rank: int) -> np.ndarray | None:
         """The constant added after the scaling: Gemm's beta * C, Conv's B as [M, 1, ...]."""

@@ -9,15 +9,25 @@ transB=1) becomes integers and scales, dequantized in front of the op:
 with the scheme (`scheme.py`) chosen by the options: `bits=8` (int8; uint8 when asymmetric) or
 `bits=4` (int4 / uint4); `block-size=0` one scale per output column (per channel), `block-size=B`
 one per B consecutive elements of a column along K (default 32 for 4 bits, 0 for 8 bits);
-`symmetric=true` (zero point 0, the default) or false. `format=qdq` writes standard ONNX;
-`format=matmulnbits` writes ONNX Runtime's MatMulNBits (`--target onnxruntime` only; B a power
-of two >= 16), whose layout is in `graphopt.ir.ops.contrib_quant`. Per channel, MatMulNBits has
-no form: it needs blocks.
+`symmetric=true` (zero point 0; the default for 8 bits) or false (uint codes and a zero point
+per block: the default for 4 bits, as ONNX Runtime's MatMulNBitsQuantizer does, since with 16
+levels a lopsided block wastes half of them on the side it does not reach); `clip-search`
+(default: on for 4 bits, off for 8) shrinks each block's range to the one of least squared
+error (`scheme.search_params`: outliers clipped, the rest rounded finer). `format=qdq` writes
+standard ONNX; `format=matmulnbits` writes ONNX Runtime's MatMulNBits (`--target onnxruntime`
+only; B a power of two >= 16), whose layout is in `graphopt.ir.ops.contrib_quant`. Per channel,
+MatMulNBits has no form: it needs blocks.
 
-The activations stay float: the only change to the outputs is the weights' rounding error,
-which the scheme bounds elementwise by half a quantization step, |W' - W| <= scale / 2 (each
-weight inside the range its own scale was computed from; see `scheme.py`), so each output
-element moves by at most sum_k |x_k| * scale_k / 2.
+The activations stay float: the only change to the outputs is the weights' rounding error.
+Without clip search the scheme bounds it elementwise by half a quantization step, |W' - W| <=
+scale / 2 (each weight inside the range its own scale was computed from; see `scheme.py`), so
+each output element moves by at most sum_k |x_k| * scale_k / 2. With it, each block's squared
+error is at most the min/max scale's (so its root-mean-square error at most half the min/max
+step), while a clipped outlier may move by more. Measured on the zoo (4 bits, block 32, cosine
+of the outputs against fp32 in ONNX Runtime; docs/passes.md has the figures): asymmetric with
+clip search is the most accurate of the four combinations, and at least as accurate as ONNX
+Runtime's MatMulNBitsQuantizer where both quantize the same layers (its tool skips Gemms, such
+as BERT's pooler, which this pass quantizes).
 
 Refuses, with a note naming the node: weights that are not float constants, that are not 2-D,
 that other nodes read too (the float copy would stay, or the other readers would change), with
@@ -30,6 +40,11 @@ or blocks need 21) is refused as a whole, with the hint to run `upgrade-opset` f
 does not upgrade by itself, since changing the opset rewrites ops model-wide and is a pass of
 its own (`upgrade-opset,quantize-weights{bits=4}`).
 
+`exclude` lists node names to keep float; `max-accuracy-drop=X` keeps the layers that hurt the
+outputs most float until the model is within X of the float one on the calibration data
+(`mixed_precision.py`); each quantized layer is recorded for the quantization report
+(`quant_report.py`).
+
 Ordering: after O2 (the fusions match float MatMuls; a DequantizeLinear in front of a weight
 hides it from them). Clean-up after it is safe: `fold-constants` keeps DequantizeLinear of
 constants as it is (quantized weights stay quantized).
@@ -38,7 +53,7 @@ constants as it is (quantized weights stay quantized).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -46,6 +61,9 @@ from graphopt.ir.core import Graph, Model, Node, Value
 from graphopt.ir.ops.contrib_quant import MATMUL_NBITS, pack_codes
 from graphopt.ir.types import TensorType
 from graphopt.passes.manager import ModelPass, PassContext, register_pass
+from graphopt.passes.quantization.driver import run_quantization
+from graphopt.passes.quantization.mixed_precision import check_budget
+from graphopt.passes.quantization.quant_report import qdq_layer, record_layer, weight_layer
 from graphopt.passes.quantization.scheme import QuantScheme, quantize_tensor
 
 __all__ = ["QuantizeWeights"]
@@ -67,13 +85,20 @@ class _Site:
 )
 @dataclass
 class QuantizeWeights(ModelPass):
+    exact: ClassVar[bool] = False  # lossy: its tests hold it to an accuracy budget
+
     bits: Literal[4, 8] = 8
     block_size: int = -1  # -1: 32 for 4 bits, 0 (per channel) for 8 bits
-    symmetric: bool = True
+    symmetric: bool | None = None  # None: false for 4 bits, true for 8 bits
+    clip_search: bool | None = None  # None: on for 4 bits, off for 8 bits (it gains nothing)
     format: Literal["qdq", "matmulnbits"] = "qdq"
     min_elements: int = 1024
+    exclude: tuple[str, ...] = ()
+    max_accuracy_drop: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_accuracy_drop is not None:
+            check_budget(self.max_accuracy_drop)
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, not {self.bits}")
         if self.format not in ("qdq", "matmulnbits"):
@@ -90,13 +115,25 @@ class QuantizeWeights(ModelPass):
             return self.block_size
         return 32 if self.bits == 4 else 0
 
+    @property
+    def is_symmetric(self) -> bool:
+        return self.bits == 8 if self.symmetric is None else self.symmetric
+
+    @property
+    def searches_clip(self) -> bool:
+        return self.bits == 4 if self.clip_search is None else self.clip_search
+
     def scheme(self, k_axis: int) -> QuantScheme:
-        dtype = ("int" if self.symmetric else "uint") + str(self.bits)
+        symmetric = self.is_symmetric
+        dtype = ("int" if symmetric else "uint") + str(self.bits)
         if self.block:
-            return QuantScheme(dtype, self.symmetric, axis=k_axis, block_size=self.block)
-        return QuantScheme(dtype, self.symmetric, axis=1 - k_axis)  # one scale per column
+            return QuantScheme(dtype, symmetric, axis=k_axis, block_size=self.block)
+        return QuantScheme(dtype, symmetric, axis=1 - k_axis)  # one scale per column
 
     def run(self, model: Model, context: PassContext) -> bool:
+        return run_quantization(self, model, context, int8_compute=False)
+
+    def quantize(self, model: Model, context: PassContext) -> bool:
         if self.format == "matmulnbits" and context.target != "onnxruntime":
             context.note(
                 "format=matmulnbits writes com.microsoft.MatMulNBits, an ONNX Runtime op: run "
@@ -119,8 +156,13 @@ class QuantizeWeights(ModelPass):
                     continue
                 if self.format == "qdq":
                     self.to_qdq(graph, site)
+                    record_layer(context, qdq_layer(site.node, "weight-only"))
                 elif self.to_matmulnbits(graph, site, context):
                     model.opset_imports.setdefault("com.microsoft", 1)
+                    scheme = self.scheme(site.k_axis)
+                    layer = weight_layer(site.node, site.array, scheme, "weight-only", None,
+                                         clip_search=self.searches_clip)  # fmt: skip
+                    record_layer(context, layer)
                 else:
                     continue
                 changed = True
@@ -134,6 +176,8 @@ class QuantizeWeights(ModelPass):
         if weight is None or not weight.is_constant or weight.const_value is None:
             return None  # an activation (attention's products) or already quantized
         array = np.asarray(weight.const_value)
+        if node.name and node.name in self.exclude:
+            return _refused(context, node, "excluded by the exclude option")
         if array.dtype.kind != "f":
             return _refused(context, node, f"its weight is {array.dtype}, not float")
         if array.ndim != 2:
@@ -153,13 +197,13 @@ class QuantizeWeights(ModelPass):
 
     def to_qdq(self, graph: Graph, site: _Site) -> None:
         scheme = self.scheme(site.k_axis)
-        t = quantize_tensor(site.array, scheme)
+        t = quantize_tensor(site.array, scheme, clip_search=self.searches_clip)
         name = site.weight.name or "w"
         inputs = [
             graph.add_initializer(graph.scope.fresh(f"{name}_quantized"), t.values),
             graph.add_initializer(graph.scope.fresh(f"{name}_scale"), t.scale),
         ]
-        if not (self.symmetric and scheme.signed):  # the default zero point is 0
+        if not (self.is_symmetric and scheme.signed):  # the default zero point is 0
             inputs.append(graph.add_initializer(graph.scope.fresh(f"{name}_zero_point"), t.zero_point))  # fmt: skip
         attrs: dict[str, int] = {}
         if scheme.axis is not None:
@@ -185,8 +229,8 @@ class QuantizeWeights(ModelPass):
                 return False
         w_t = site.array.T if site.k_axis == 0 else site.array  # [N, K]
         n, k = w_t.shape
-        t = quantize_tensor(w_t, self.scheme(1))  # blocks along K of W^T
-        codes = t.values.astype(np.int16) + (1 << (self.bits - 1) if self.symmetric else 0)
+        t = quantize_tensor(w_t, self.scheme(1), clip_search=self.searches_clip)  # K blocks of W^T
+        codes = t.values.astype(np.int16) + (1 << (self.bits - 1) if self.is_symmetric else 0)
         blocks = k // self.block
         packed = pack_codes(codes.astype(np.uint8).reshape(n, blocks, self.block), self.bits)
         name = site.weight.name or "w"
@@ -195,7 +239,8 @@ class QuantizeWeights(ModelPass):
             graph.add_initializer(graph.scope.fresh(f"{name}_nbits"), packed),
             graph.add_initializer(graph.scope.fresh(f"{name}_scales"), t.scale),
         ]
-        if not self.symmetric:  # symmetric codes sit around the default zero point 2^(bits-1)
+        if not self.is_symmetric:  # symmetric codes sit around the default zero point 2^(bits-1)
+            # [N, blocks] uint codes packed along the blocks, each row padded to whole bytes
             zero = pack_codes(t.zero_point.astype(np.uint8), self.bits)
             inputs.append(graph.add_initializer(graph.scope.fresh(f"{name}_zero_points"), zero))
         if isinstance(bias, np.ndarray):
