@@ -1,0 +1,139 @@
+"""Structured pruning in ONNX Runtime: does removing work make the model that much faster?
+
+For each model of the zoo this builds graphopt's O2 model and pruned copies of it, and times them in
+ONNX Runtime, paired and alternating, in one process (../shared/notes/benchmarking.md:
+ORT_ENABLE_ALL, 2 intra-op threads, spinning off, batch 1, warm-up runs, medians):
+
+  gpt2, llama   prune-mlp{ratio=0.5}: half the MLP neurons of every layer
+  resnet        prune-channels{ratio=0.3}: 30% of the channels of every group, and again with
+                multiple=8 (kept counts rounded up to multiples of 8, for ORT's NCHWc kernels)
+
+  o2            graphopt O2, unpruned (the peer)
+  magnitude     O2 + pruning with magnitude scores
+  activation    O2 + pruning with activation-aware scores (Wanda |W| * ||x||, calibration data)
+  refit         O2 + magnitude pruning + least-squares refit of the consumer layers
+
+FLOPs are the MatMul/Gemm/Conv FLOPs of the graph (per batch x sequence element: symbolic dims
+count 1; attention's own products are not counted), before and after. One JSON line per model and
+setting: median latencies (ms), speed-up over o2, FLOP reduction (before / after), and
+speed-up / FLOP reduction (the goal: >= 0.8), and per scoring the output cosine similarity with
+the unpruned model on held-out inputs (seeds other than the calibration samples'), run in ONNX
+Runtime; plus the machine (CPU model, SIMD flags, versions).
+
+    python bench/pruning.py [--models gpt2,llama,resnet] [--size base|tiny] [--pairs 30]
+        [--calibration 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from common import machine, ort_session, time_rotating  # noqa: E402
+
+# (model, pass, ratio, multiple): multiple=8 keeps channel counts ONNX Runtime's blocked (NCHWc)
+# convolutions take on AVX2
+SETTINGS = [
+    ("gpt2", "prune-mlp", 0.5, 1),
+    ("llama", "prune-mlp", 0.5, 1),
+    ("resnet", "prune-channels", 0.3, 1),
+    ("resnet", "prune-channels", 0.3, 8),
+]
+SCORINGS = {"magnitude": ("magnitude", "false"), "activation": ("activation", "false"),
+            "refit": ("magnitude", "true")}  # fmt: skip
+
+
+def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    from graphopt.passes.pruning.driver import output_cosine
+
+    return output_cosine(a, b)
+
+
+def measure(
+    name: str, pass_name: str, ratio: float, multiple: int, size: str, pairs: int,
+    calibration: int, folder: str,
+) -> dict[str, Any]:  # fmt: skip
+    from models import build, sample_inputs
+
+    import graphopt
+    from graphopt.backends.onnx import to_onnx
+    from graphopt.passes.pruning.driver import model_flops
+
+    sequence = 128 if size == "base" else 32
+    path = os.fspath(build(name, size=size, folder=folder))
+    o2 = to_onnx(graphopt.optimize(graphopt.load(path), "O2"))
+    calib = [sample_inputs(name, size, batch=1, sequence=sequence, seed=s)
+             for s in range(1, calibration + 1)]  # fmt: skip
+    held_out = [sample_inputs(name, size, batch=1, sequence=sequence, seed=s) for s in (100, 101)]
+    feeds = held_out[0]
+    row: dict[str, Any] = {"bench": "pruning", "model": f"{name}-{size}", "threads": 2,
+                           "sequence": sequence if name != "resnet" else None,
+                           "calibration_samples": calibration}  # fmt: skip
+    extra = f" multiple={multiple}" if multiple > 1 else ""
+    row["setting"] = f"{pass_name}{{ratio={ratio}{extra}}}"
+    flops_before = model_flops(graphopt.load(o2).graph)
+    sessions = {"o2": ort_session(o2)}
+    reference = [sessions["o2"].run(None, f) for f in held_out]
+    for label, (scores, refit) in SCORINGS.items():
+        setting = f"{pass_name}{{ratio={ratio} scores={scores} refit={refit}{extra}}}"
+        model = graphopt.load(o2)
+        start = time.perf_counter()
+        graphopt.optimize(model, setting, calibration=calib)
+        row[f"{label}_prune_s"] = round(time.perf_counter() - start, 2)
+        flops_after = model_flops(model.graph)
+        row["flops_before"], row[f"{label}_flops_after"] = flops_before, flops_after
+        session = ort_session(to_onnx(model))
+        outs = [session.run(None, f) for f in held_out]
+        row[f"{label}_cosine"] = round(
+            cosine([v for r in reference for v in r], [v for o in outs for v in o]), 5
+        )
+        if label in ("magnitude", "refit"):  # activation prunes to the same shapes
+            sessions[label] = session
+    runners = {label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()}
+    times = time_rotating(runners, rounds=pairs, title=f"{name}-{size}")
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    for label, ms in medians.items():
+        row[f"{label}_ms"] = round(ms, 3)
+    reduction = flops_before / max(row["magnitude_flops_after"], 1)
+    row["flop_reduction"] = round(reduction, 3)
+    for label in ("magnitude", "refit"):
+        speedup = medians["o2"] / medians[label]
+        row[f"{label}_speedup"] = round(speedup, 3)
+        row[f"{label}_speedup_per_flop_reduction"] = round(speedup / reduction, 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="gpt2,llama,resnet")
+    parser.add_argument("--size", default="base", choices=["tiny", "base"])
+    parser.add_argument("--pairs", type=int, default=30)
+    parser.add_argument("--calibration", type=int, default=8, help="calibration samples")
+    args = parser.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    folder = os.environ.get("GRAPHOPT_MODEL_CACHE", os.path.expanduser("~/.cache/graphopt-models"))
+    info = machine()
+    wanted = args.models.split(",")
+    for name, pass_name, ratio, multiple in SETTINGS:
+        if name in wanted:
+            row = measure(
+                name, pass_name, ratio, multiple, args.size, args.pairs, args.calibration, folder
+            )
+            print(json.dumps({**row, **info}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
