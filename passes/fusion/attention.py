@@ -48,6 +48,10 @@ V repeated differently, head counts, head dims, batch or sequence dims that do n
 cannot be proved to, element types that differ or are not float, an inner value read outside the
 pattern, a model opset below 23.
 
+A 4-D Attention already in the graph (`graphopt.from_torch`'s) between head splits and a head
+merge is put in the 3-D form, repeat_kv folded into grouped-query attention, by the rule in
+`passes/fusion/attention_layout.py` (not with `form=4d`).
+
 Order: after `upgrade-opset` (Attention is opset 23) and the O1 clean-up (it reads the shapes
 simplify-shapes proves); after `fuse-rotary`, whose 3-D RotaryEmbedding it reads through.
 """
@@ -66,6 +70,7 @@ from graphopt.ir.inference import constant_value, infer_node, merge_types, type_
 from graphopt.ir.types import DType, TensorType
 from graphopt.passes.cleanup.shape_dims import Elem
 from graphopt.passes.cleanup.shape_values import ShapeValues
+from graphopt.passes.fusion.attention_layout import fold_attention_layouts
 from graphopt.passes.fusion.attention_patterns import (
     VERY_NEGATIVE,
     HeadMerge,
@@ -143,7 +148,9 @@ class FuseAttention(GraphPass):
 
     def run_on_graph(self, graph: Graph, context: PassContext) -> bool:
         roots = [n for n in graph if n.op == "MatMul" and _after_softmax(n.inputs[0])]
-        if not roots:
+        # 4-D Attention already there (graphopt.from_torch): attention_layout.py's rule
+        four_d = [] if self.form == "4d" else [n for n in graph if _four_d_attention(n)]
+        if not roots and not four_d:
             return False
         opsets = context.model.opset_imports
         sv = analyze(graph, opsets)
@@ -171,7 +178,19 @@ class FuseAttention(GraphPass):
                 f"fused {len(found)} attention(s): {sum(forms)} in the 3-D form, "
                 f"{len(forms) - sum(forms)} in the 4-D form"
             )
-        return bool(found)
+        folded = 0
+        if four_d:
+            if found:  # the fusion changed the graph: prove the shapes again
+                sv = analyze(graph, opsets)
+            folded = fold_attention_layouts(graph, four_d, sv, dict(opsets), context.refuse)
+            if folded:
+                context.note(f"put {folded} 4-D Attention(s) in the 3-D form")
+        return bool(found) or folded > 0
+
+
+def _four_d_attention(node: Node) -> bool:
+    """An Attention in the 4-D form (no head counts), as graphopt.from_torch writes it."""
+    return node.op == "Attention" and not node.get_attr("q_num_heads", 0)
 
 
 def _after_softmax(value: Value | None) -> bool:
