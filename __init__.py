@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load", "save", "run", "optimize", "from_graphsurgeon", "to_graphsurgeon"]
+__all__ = [
+    "load", "save", "run", "optimize", "distill", "from_torch", "from_graphsurgeon",
+    "to_graphsurgeon",
+]  # fmt: skip
 __version__ = "0.1.0"
 
 

@@ -14,17 +14,29 @@ import numpy as np
 
 from graphopt.ir.core import Model
 
-__all__ = ["load", "save", "run", "optimize", "from_graphsurgeon", "to_graphsurgeon"]
+__all__ = [
+    "load", "save", "run", "optimize", "distill", "from_torch", "from_graphsurgeon",
+    "to_graphsurgeon",
+]  # fmt: skip
 
 
 def load(source: str | os.PathLike[str] | bytes | Any) -> Model:
-    """Read a model: an `.onnx` path, serialized bytes, an `onnx.ModelProto`, or an IR `Model`.
+    """Read a model: an `.onnx` path, serialized bytes, an `onnx.ModelProto`, or an IR `Model`;
+    also a torch `ExportedProgram` or a `.pt2` file written by `torch.export.save`.
 
     Weights stay memory-mapped from the file (embedded or external data), not copied.
     Raises `graphopt.ir.GraphoptError` subclasses with a message naming the file and node.
     """
     if isinstance(source, Model):
         return source
+    if type(source).__name__ == "ExportedProgram" or (
+        isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".pt2")
+    ):
+        from graphopt.frontends.torch import from_exported_program, load_exported_program
+
+        if isinstance(source, (str, os.PathLike)):
+            return load_exported_program(source)
+        return from_exported_program(source)  # type: ignore[arg-type]
     from graphopt.frontends.onnx import load_onnx
 
     return load_onnx(source)
@@ -81,6 +93,41 @@ def optimize(
         options=options, calibration=calibration,
     )  # fmt: skip
     return result.model
+
+
+def distill(
+    student: Model | str | os.PathLike[str],
+    teacher: Model | str | os.PathLike[str],
+    data: Any,
+    *,
+    steps: int = 200,
+    loss: str = "mse",
+    temperature: float = 1.0,
+    lr: float = 1e-3,
+    outputs: Sequence[str] | None = None,
+    **options: Any,
+) -> Model:
+    """Knowledge distillation: train `student`'s weights (torch backend, Adam) to match
+    `teacher`'s outputs on `data` (input dicts, an `.npz` file or `"random:N"`), with `loss`
+    "mse" or "kl" (softmax at `temperature`). Returns the student, changed in place: same graph,
+    new initializer values. `graphopt.api.distillation.distill_model` also returns the report."""
+    from graphopt.api.distillation import distill_model
+
+    return distill_model(
+        student, teacher, data, steps=steps, loss=loss, temperature=temperature, lr=lr,
+        outputs=outputs, **options,
+    ).model  # fmt: skip
+
+
+def from_torch(
+    module: Any, example_inputs: Any, dynamic_shapes: Any = None, **options: Any
+) -> Model:
+    """An IR model of a `torch.nn.Module`: `torch.export.export(module, example_inputs,
+    dynamic_shapes=...)` translated from ATen (attention arrives as `Attention`, norms whole;
+    weights shared with the module's tensors). See `graphopt.frontends.torch`."""
+    from graphopt.frontends.torch import from_torch as convert
+
+    return convert(module, example_inputs, dynamic_shapes, **options)
 
 
 def from_graphsurgeon(graph: Any) -> Model:

@@ -1,4 +1,4 @@
-"""The `graphopt` command line: `optimize`, `show`, `run` and `passes`.
+"""The `graphopt` command line: `optimize`, `show`, `run`, `distill` and `passes`.
 
 Errors a user can cause (bad files, bad graphs, bad options) print one message on stderr and exit
 with status 2; no traceback, no partial output file. `tools/optimize.py` is `graphopt optimize`.
@@ -68,6 +68,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_cmd_run)
 
+    distill = commands.add_parser(
+        "distill", help="train a student model's weights to match a teacher's outputs"
+    )
+    add_distill_arguments(distill)
+
     passes = commands.add_parser("passes", help="list the registered passes and presets")
     passes.set_defaults(func=_cmd_passes)
 
@@ -77,7 +82,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="the input .onnx file")
+    parser.add_argument(
+        "model", help="the input .onnx file, or a .pt2 file written by torch.export.save"
+    )
     parser.add_argument("-o", "--output", required=True, help="where to write the optimized model")
     parser.add_argument(
         "--passes",
@@ -136,10 +143,63 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--calibration", metavar="FILE.npz|random:N",
-        help="calibration data for quantize-static: an .npz with one array per input name, "
+        help="calibration data for quantize-static and activation-aware pruning "
+        "(scores=activation): an .npz with one array per input name, "
         "samples on axis 0, or random:N for N seeded random samples (quick runs only)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-accuracy-drop", metavar="X",
+        help="quantize-static/-dynamic/-weights: keep the layers that hurt most in float until "
+        "1 - cosine similarity of the outputs vs the float model, worst over outputs and "
+        "calibration samples, is at most X (0 <= X < 1; needs --calibration)",
+    )  # fmt: skip
     parser.set_defaults(func=_cmd_optimize)
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the student .onnx (e.g. a pruned or quantized model)")
+    parser.add_argument("--teacher", required=True, help="the teacher .onnx")
+    parser.add_argument("-o", "--output", required=True, help="where to write the student")
+    parser.add_argument(
+        "--calibration", default="random:64", metavar="FILE.npz|random:N",
+        help="training inputs: an .npz with one array per input name, samples on axis 0, or "
+        "random:N seeded random samples (token ids over the embedding; default random:64)",
+    )  # fmt: skip
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    parser.add_argument("--loss", choices=["mse", "kl"], default="mse", help="default mse")
+    parser.add_argument("--temperature", type=float, default=1.0, help="for --loss kl")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    parser.add_argument("--outputs", help="comma-separated outputs to match (default all float)")
+    parser.add_argument(
+        "--holdout", type=float, default=0.25, help="fraction of samples held out (0.25)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+    parser.add_argument(
+        "--teacher-backend", default="onnxruntime", help="backend running the teacher"
+    )
+    parser.add_argument(
+        "--dim", action="append", default=[], metavar="NAME=N",
+        help="symbolic dim size for random samples (default 8)",
+    )  # fmt: skip
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_cmd_distill)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt.api.distillation import distill_model
+
+    holdout: float | int = int(args.holdout) if args.holdout >= 1 else args.holdout
+    result = distill_model(
+        args.model, args.teacher, args.calibration, steps=args.steps, loss=args.loss,
+        temperature=args.temperature, lr=args.lr, holdout=holdout, device=args.device,
+        outputs=args.outputs.split(",") if args.outputs else None,
+        teacher_backend=args.teacher_backend, dims=_parse_dims(args.dim),
+        progress=not args.quiet,
+    )  # fmt: skip
+    graphopt.save(result.model, args.output)
+    _console().print(f"{args.model} -> {args.output}: {result.report.summary()}", markup=False)
+    return 0
 
 
 def _parse_dumps(items: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -172,7 +232,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         model, args.passes, target="onnx" if compiled else args.target,
         verify_each=args.verify_each, check_each=args.check_each, check_dims=_parse_dims(args.dim),
         dump_before=before, dump_after=after, dump_folder=args.dump_dir,
-        calibration=_calibration(args, model),
+        calibration=_calibration(args, model), options=_run_options(args),
     )  # fmt: skip
     output = args.output
     if compiled:
@@ -184,6 +244,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     console = _console()
     if not args.quiet:
         console.print(result.table())
+        for table in result.artifact_tables():  # e.g. the per-layer quantization report
+            console.print(table)
         refused = [n for n in result.notes if n.kind != "info"]
         for note in refused[:20]:
             console.print(
@@ -196,6 +258,16 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         f"{result.nodes_after} nodes (passes: {args.passes}) in {time.perf_counter() - start:.2f} s"
     )
     return 0
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, object]:
+    """Options of the run that passes read from `context.options`."""
+    from graphopt.passes.quantization.mixed_precision import OPTION, check_budget
+
+    options: dict[str, object] = {}
+    if args.max_accuracy_drop is not None:
+        options[OPTION] = check_budget(args.max_accuracy_drop, "--max-accuracy-drop")
+    return options
 
 
 def _calibration(args: argparse.Namespace, model: Model) -> object:

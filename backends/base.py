@@ -113,6 +113,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "onnxruntime": "graphopt.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "graphopt.backends.openvino:OpenVinoBackend",
     "tvm": "graphopt.backends.tvm:TvmBackend",
+    "torch": "graphopt.backends.torch:TorchBackend",
 }
 
 _REGISTRY: dict[str, BackendInfo] = {}

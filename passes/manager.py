@@ -86,6 +86,9 @@ class PassContext:
     options: dict[str, Any] = field(default_factory=dict)
     calibration: Any = None  # an iterable of input dicts (name -> array) for quantize-static
     notes: list[Note] = field(default_factory=list)
+    # structured results passes leave for the report, by topic (e.g. "quantization": a
+    # QuantizationReport); each has to_json() and may have table() for the command line
+    artifacts: dict[str, Any] = field(default_factory=dict)
     current_pass: str = ""
     _analyses: dict[type, Any] = field(default_factory=dict)
     _noted: set[tuple[str, str, str, str]] = field(default_factory=set)
@@ -200,6 +203,11 @@ BUILTIN_PASSES: dict[str, str] = {
     "quantize-dynamic": "graphopt.passes.quantization.dynamic:QuantizeDynamic",
     "convert-float16": "graphopt.passes.quantization.float16:ConvertFloat16",
     "convert-bfloat16": "graphopt.passes.quantization.float16:ConvertBFloat16",
+    "prune-unstructured": "graphopt.passes.pruning.unstructured:PruneUnstructured",
+    "prune-n-m": "graphopt.passes.pruning.n_m:PruneNM",
+    "prune-channels": "graphopt.passes.pruning.channels:PruneChannels",
+    "prune-mlp": "graphopt.passes.pruning.mlp:PruneMLP",
+    "prune-heads": "graphopt.passes.pruning.heads:PruneHeads",
 }
 
 P = TypeVar("P", bound=type)
