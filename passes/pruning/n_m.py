@@ -30,9 +30,13 @@ from typing import ClassVar
 from graphopt.ir.core import Model
 from graphopt.passes.manager import ModelPass, PassContext, register_pass
 from graphopt.passes.pruning.importance import n_m_keep
-from graphopt.passes.pruning.sites import Scores, find_sites, replace_weight, site_scores
+from graphopt.passes.pruning.sites import Scores, layer_sites, replace_weight, site_scores
 from graphopt.passes.pruning.storage import index_bits, n_m_bytes, pruning_report
-from graphopt.passes.pruning.unstructured import PruningOptionError, nothing_to_prune
+from graphopt.passes.pruning.unstructured import (
+    PruningOptionError,
+    check_scores,
+    nothing_to_prune,
+)
 
 __all__ = ["PruneNM"]
 
@@ -58,15 +62,11 @@ class PruneNM(ModelPass):
                 f"N:M needs 1 <= n < m (n weights kept in every m), got n={self.n}, m={self.m}",
                 hint="2:4 is n=2 m=4",
             )
-        if self.scores not in ("magnitude", "activation"):
-            raise PruningOptionError(f"scores must be magnitude or activation, not {self.scores}")
+        check_scores(self.scores)
 
     def run(self, model: Model, context: PassContext) -> bool:
         graph = model.graph
-        sites = find_sites(
-            graph, context, exclude=self.exclude, min_elements=self.min_elements,
-            output_layer=self.prune_output_layer,
-        )  # fmt: skip
+        sites = layer_sites(self, graph, context)
         fitting = []
         for site in sites:
             length = site.array.shape[site.input_axis]

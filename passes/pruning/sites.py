@@ -41,7 +41,9 @@ from graphopt.passes.manager import PassContext
 from graphopt.passes.pruning.importance import activation_aware, magnitude
 from graphopt.passes.quantization.sites import drop_initializer, output_layers
 
-__all__ = ["SITE_OPS", "PruneSite", "Scores", "find_sites", "replace_weight", "site_scores"]
+__all__ = [
+    "SITE_OPS", "PruneSite", "Scores", "find_sites", "layer_sites", "replace_weight", "site_scores",
+]  # fmt: skip
 
 SITE_OPS = ("MatMul", "Gemm", "Conv")
 Scores = Literal["magnitude", "activation"]
@@ -76,6 +78,15 @@ def _axes(node: Node, array: np.ndarray) -> tuple[int, int, int]:
     if node.op == "Gemm":
         return (1 if int(node.get_attr("transB", 0)) else 0), (0 if int(node.get_attr("transA", 0)) else 1), 1  # fmt: skip
     return array.ndim - 2, -1, 1
+
+
+def layer_sites(options: Any, graph: Graph, context: PassContext) -> list[PruneSite]:
+    """`find_sites` with a masking pass's own options (`exclude`, `min_elements`,
+    `prune_output_layer`)."""
+    return find_sites(
+        graph, context, exclude=options.exclude, min_elements=options.min_elements,
+        output_layer=options.prune_output_layer,
+    )  # fmt: skip
 
 
 def find_sites(

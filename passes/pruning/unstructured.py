@@ -37,10 +37,10 @@ from graphopt.ir.core import Model
 from graphopt.ir.errors import GraphoptError
 from graphopt.passes.manager import ModelPass, PassContext, register_pass
 from graphopt.passes.pruning.importance import select_global, select_per_layer
-from graphopt.passes.pruning.sites import Scores, find_sites, replace_weight, site_scores
+from graphopt.passes.pruning.sites import Scores, layer_sites, replace_weight, site_scores
 from graphopt.passes.pruning.storage import pruning_report, unstructured_bytes
 
-__all__ = ["PruneUnstructured", "PruningOptionError", "nothing_to_prune"]
+__all__ = ["PruneUnstructured", "PruningOptionError", "check_scores", "nothing_to_prune"]
 
 
 class PruningOptionError(GraphoptError, ValueError):
@@ -74,17 +74,13 @@ class PruneUnstructured(ModelPass):
             raise PruningOptionError(
                 f"max-layer-sparsity must be in [0, 1), got {self.max_layer_sparsity}"
             )
-        if self.scores not in ("magnitude", "activation"):
-            raise PruningOptionError(f"scores must be magnitude or activation, not {self.scores}")
+        check_scores(self.scores)
         if self.scope not in ("layer", "global"):
             raise PruningOptionError(f"scope must be layer or global, not {self.scope}")
 
     def run(self, model: Model, context: PassContext) -> bool:
         graph = model.graph
-        sites = find_sites(
-            graph, context, exclude=self.exclude, min_elements=self.min_elements,
-            output_layer=self.prune_output_layer,
-        )  # fmt: skip
+        sites = layer_sites(self, graph, context)
         if not sites:
             raise nothing_to_prune(model, context)
         if self.sparsity == 0.0:
@@ -117,6 +113,12 @@ class PruneUnstructured(ModelPass):
             f"{report.model_sparse_bytes:,} stored sparse (bitmask or CSR per layer)"
         )
         return changed > 0
+
+
+def check_scores(scores: str) -> None:
+    """The masking passes' `scores` option: magnitude or activation."""
+    if scores not in ("magnitude", "activation"):
+        raise PruningOptionError(f"scores must be magnitude or activation, not {scores}")
 
 
 def nothing_to_prune(model: Model, context: PassContext) -> GraphoptError:
