@@ -386,10 +386,25 @@ def test_multiple_rounds_the_kept_count_up(multiple, kept):
     assert case.model.graph.initializers["wd"].const_value.shape == (kept, 4)
 
 
-def test_multiple_must_be_positive():
+def test_multiple_must_not_be_negative():
     case = mlp(4, 10, False, False, False, 0)
-    with pytest.raises(GraphoptError, match="multiple must be a positive integer"):
-        optimize_model(case.model, "prune-mlp{multiple=0}")
+    with pytest.raises(GraphoptError, match=r"multiple must be 0 \(auto\) or a positive integer"):
+        optimize_model(case.model, "prune-mlp{multiple=-1}")
+
+
+def test_auto_multiple_is_the_cpu_block_for_wide_conv_groups_only():
+    """multiple=0: Conv channel groups of at least 4 SIMD blocks keep a multiple of the block
+    (8 on AVX2, 16 on AVX-512); narrower Conv groups, MLP neurons and heads are not rounded."""
+    from graphopt.passes.pruning.channels import PruneChannels
+    from graphopt.passes.pruning.mlp import PruneMLP
+    from graphopt.passes.quantization.cpu_features import detect_cpu
+
+    block = 16 if detect_cpu().has("avx512f") else 8
+    channels = PruneChannels(ratio=0.3)
+    assert channels.multiple == 0
+    assert channels._multiple(64) == block and channels._drop_count(64) == 64 - 48
+    assert channels._multiple(4 * block - 1) == 1
+    assert PruneMLP(ratio=0.3, multiple=0)._multiple(4096) == 1
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])

@@ -39,4 +39,4 @@ class PruneChannels(StructuredPrune):
     ratio: float = 0.3
     scores: str = "magnitude"
     refit: bool = False
-    multiple: int = 1  # round the kept count of each group up to a multiple of this
+    multiple: int = 0  # round each group's kept count up to a multiple of this (0: the CPU's)

@@ -40,6 +40,7 @@ from graphopt.passes.pruning.structured_report import GroupRow, PassSummary, str
 __all__ = ["SIMILARITY_SAMPLES", "StructuredPrune", "layer_flops", "output_cosine"]
 
 SIMILARITY_SAMPLES = 4
+AUTO_MIN_BLOCKS = 4  # multiple=0 rounds a Conv group to SIMD blocks from this many blocks up
 LAYER_OPS = ("MatMul", "Gemm", "Conv", "com.microsoft.FusedConv")
 
 
@@ -63,9 +64,9 @@ class StructuredPrune(ModelPass):
                 f"ratio must be in [0, 1), got {self.ratio}",
                 hint=f"{self.name}{{ratio=0.3}} removes 30% of the {self.unit}s of each group",
             )
-        if int(self.multiple) < 1:
+        if int(self.multiple) < 0:
             raise GraphoptError(
-                f"multiple must be a positive integer, got {self.multiple}",
+                f"multiple must be 0 (auto) or a positive integer, got {self.multiple}",
                 hint="multiple=8 keeps channel counts that are multiples of 8",
             )
         if self.scores not in self.score_kinds:
@@ -158,14 +159,28 @@ class StructuredPrune(ModelPass):
         return True
 
     def _drop_count(self, units: int) -> int:
-        """`floor(ratio * units)`, at least one kept, and with `multiple` > 1 the kept count
-        rounded up to a multiple of it (SIMD-friendly widths: ONNX Runtime's blocked NCHWc
-        convolutions need channel counts that are multiples of 8 on AVX2, 16 on AVX-512)."""
+        """`floor(ratio * units)`, at least one kept, and the kept count rounded up to a
+        multiple of `multiple` (`_multiple`: 0 picks one)."""
         count = importance.drop_count(units, float(self.ratio), 1)
-        if self.multiple > 1:
-            keep = -(-(units - count) // self.multiple) * self.multiple
+        multiple = self._multiple(units)
+        if multiple > 1:
+            keep = -(-(units - count) // multiple) * multiple
             count = units - min(units, keep)
         return count
+
+    def _multiple(self, units: int) -> int:
+        """`multiple`, or with 0 (auto) the SIMD block of this CPU's blocked convolutions for
+        Conv channel groups of at least `AUTO_MIN_BLOCKS` blocks, else 1: ONNX Runtime runs a
+        Conv in its fast NCHWc layout only when the channel counts are multiples of the block
+        (8 floats on AVX2, 16 on AVX-512); a group of 45 channels (64 less 30%) falls back to
+        the slow path, and the pruned ResNet-18 gains 0.70 of its FLOP reduction instead of
+        0.92. MatMul neurons and heads have no such block."""
+        if self.multiple or self.kind != "conv":
+            return max(int(self.multiple), 1)
+        from graphopt.passes.quantization.cpu_features import detect_cpu
+
+        block = 16 if detect_cpu().has("avx512f") else 8
+        return block if units >= AUTO_MIN_BLOCKS * block else 1
 
     def _with_batchnorm(self, regions: list[Region], context: PassContext) -> list[Region]:
         kept = []
