@@ -19,7 +19,8 @@ count 1; attention's own products are not counted), before and after. One JSON l
 setting: median latencies (ms), speed-up over o2, FLOP reduction (before / after), and
 speed-up / FLOP reduction (the goal: >= 0.8), and per scoring the output cosine similarity with
 the unpruned model on held-out inputs (seeds other than the calibration samples'), run in ONNX
-Runtime; plus the machine (CPU model, SIMD flags, versions).
+Runtime; for refit, how many consumer layers its held-out check left as plain pruning; plus the
+machine (CPU model, SIMD flags, versions).
 
     python bench/pruning.py [--models gpt2,llama,resnet] [--size base|tiny] [--pairs 30]
         [--calibration 8]
@@ -66,6 +67,7 @@ def measure(
 
     import graphopt
     from graphopt.backends.onnx import to_onnx
+    from graphopt.passes import optimize_model
     from graphopt.passes.pruning.driver import model_flops
 
     sequence = 128 if size == "base" else 32
@@ -87,8 +89,12 @@ def measure(
         setting = f"{pass_name}{{ratio={ratio} scores={scores} refit={refit}{extra}}}"
         model = graphopt.load(o2)
         start = time.perf_counter()
-        graphopt.optimize(model, setting, calibration=calib)
+        result = optimize_model(model, setting, calibration=calib)
         row[f"{label}_prune_s"] = round(time.perf_counter() - start, 2)
+        if refit == "true":  # how many sinks the held-out fold let least squares change
+            chosen = [n.message for n in result.notes if n.message.startswith("refit: ")]
+            row["refit_sinks"] = len(chosen)
+            row["refit_sinks_left_plain"] = sum("plain pruning" in m for m in chosen)
         flops_after = model_flops(model.graph)
         row["flops_before"], row[f"{label}_flops_after"] = flops_before, flops_after
         session = ort_session(to_onnx(model))

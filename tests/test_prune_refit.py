@@ -136,6 +136,35 @@ def test_refit_conv_uses_im2col_patches(tiny_ridge):
     )
 
 
+def test_refit_says_per_layer_which_fit_it_kept():
+    """The report says what the held-out check chose: least squares where the kept neurons
+    explain the removed ones (rank 3 of 12), plain pruning where nothing can (independent
+    neurons whose mean flips sign from sample to sample: a fit or a mean learned on one half of
+    the calibration samples only adds error on the other half)."""
+    from graphopt.passes import optimize_model
+
+    shape = (2, 8, 3)
+    result = optimize_model(
+        _low_rank_mlp(False), "prune-mlp{ratio=0.5 refit=true}", calibration=_samples(shape, 6, 1)
+    )
+    chosen = [n.message for n in result.notes if n.message.startswith("refit: ")]
+    assert len(chosen) == 1 and "least squares" in chosen[0]
+
+    rng = np.random.default_rng(7)
+    g = Graph("main")
+    b = Builder(g)
+    x = g.add_input("x", TensorType(F32, ("batch", 64)))
+    h = b.Identity(b.MatMul(x, b.const(np.eye(64, dtype=np.float32), "wu")))
+    y = b.MatMul(h, b.const(rng.standard_normal((64, 4)).astype(np.float32), "wd"))
+    g.set_outputs([y], ["y"])
+    samples = [
+        {"x": (rng.standard_normal((4, 64)) + (-1) ** i).astype(np.float32)} for i in range(8)
+    ]
+    result = optimize_model(_finish(g), "prune-mlp{ratio=0.5 refit=true}", calibration=samples)
+    chosen = [n.message for n in result.notes if n.message.startswith("refit: ")]
+    assert len(chosen) == 1 and "plain pruning" in chosen[0]
+
+
 @pytest.mark.parametrize("passes", ["prune-mlp{refit=true}", "prune-channels{scores=activation}"])
 def test_refit_and_activation_scores_need_calibration(passes):
     model = _low_rank_mlp(False)

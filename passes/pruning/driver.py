@@ -123,6 +123,8 @@ class StructuredPrune(ModelPass):
             base, bias = result.weights, result.bias
             for node, reason in result.skipped:
                 context.note(f"not refit: {reason}", node)
+            for node, how in result.chosen.items():
+                context.note(f"refit: {how}", node)
         output_keep = {e.node: p.keep(e.ids) for p in plans for e in p.region.sources}
         remove(graph, plans, base)
         _fold_bias(graph, bias, output_keep)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -62,6 +62,9 @@ class Refit:
     weights: dict[tuple[Node, int], np.ndarray]
     bias: dict[Node, np.ndarray]
     skipped: list[tuple[Node, str]]
+    chosen: dict[Node, str] = field(
+        default_factory=dict
+    )  # per sink: which fit the held-out fold chose
 
 
 @dataclass
@@ -192,6 +195,7 @@ def refit(model: Model, data: Iterable[Feeds], cuts: Sequence[SinkCut]) -> Refit
         observe(model, data, consumers)
     weights: dict[tuple[Node, int], np.ndarray] = {}
     bias: dict[Node, np.ndarray] = {}
+    chosen: dict[Node, str] = {}
     for cut in cuts:
         found = grams.get(cut.node)
         if found is None or found.count == 0:
@@ -200,7 +204,8 @@ def refit(model: Model, data: Iterable[Feeds], cuts: Sequence[SinkCut]) -> Refit
         matrix, axis = _matrix(cut.node)
         per = matrix.shape[0] // len(cut.keep)  # im2col: kh * kw positions per channel
         keep = np.repeat(cut.keep, per)
-        new, delta = _solve(gram, matrix, keep)
+        new, delta, choice = _solve(gram, matrix, keep)
+        chosen[cut.node] = _describe(choice)
         w = cut.node.inputs[1].const_value  # type: ignore[union-attr]
         assert w is not None
         full = matrix.copy()
@@ -211,16 +216,19 @@ def refit(model: Model, data: Iterable[Feeds], cuts: Sequence[SinkCut]) -> Refit
             stored = full.T if axis == 1 else full
         weights[(cut.node, 1)] = stored.astype(w.dtype)
         bias[cut.node] = delta
-    return Refit(weights, bias, skipped)
+    return Refit(weights, bias, skipped, chosen)
 
 
-def _solve(gram: _Gram, w: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _solve(
+    gram: _Gram, w: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float | str]:
     """The refit of the kept rows and the bias delta. Candidates: least squares with a ridge of
     `RIDGE` times 1, 10, ... (`RIDGE_STEPS` of them), only the mean fold (`MEAN`), and nothing at
     all (`PLAIN`: W_k, no bias change); each is solved on the first fold and scored on the second,
     and the best is solved again on both. With few calibration rows for a wide layer (LLaMA-base's
     2048-wide down projection from 8 x 128 tokens) the held-out fold can prefer plain pruning:
-    then the layer is left as plain pruning leaves it."""
+    then the layer is left as plain pruning leaves it. Returns the weights, the bias delta and
+    the choice."""
     first, second = gram.folds
     choice: float | str = RIDGE
     if first.count and second.count:
@@ -228,7 +236,15 @@ def _solve(gram: _Gram, w: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np
         candidates += [MEAN, PLAIN]
         errors = [_error(second, w, keep, *_fit(first, w, keep, c)) for c in candidates]
         choice = candidates[int(np.argmin(errors))]
-    return _fit(first + second, w, keep, choice)
+    return (*_fit(first + second, w, keep, choice), choice)
+
+
+def _describe(choice: float | str) -> str:
+    if choice == PLAIN:
+        return "plain pruning (no fit did better on held-out rows)"
+    if choice == MEAN:
+        return "mean folded into the bias, weights kept"
+    return f"least squares, ridge {float(choice):g} x mean variance"
 
 
 MEAN, PLAIN = "mean", "plain"
