@@ -5,7 +5,7 @@ Which runtime is fastest depends on the model (OpenVINO beats ONNX Runtime on so
 loses on others), so it is measured, not guessed. The method is `../shared/notes/benchmarking.md`'s:
 the same inputs for every candidate, 2 threads each (ONNX Runtime's sessions never spin-wait, see
 graphopt.backends.onnxruntime), warm-up runs, then rounds in which every candidate runs once, the
-order rotated each round so that drift in machine speed hits all alike; medians are compared. A
+order shuffled each round so that drift in machine speed hits all alike; medians are compared. A
 candidate still `cutoff` times slower than the fastest after `min_rounds` rounds stops being timed
 (it cannot win), which keeps the reference interpreter from costing minutes on big models.
 
@@ -21,6 +21,7 @@ This places whole models on one engine; placing subgraphs is later work.
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -275,8 +276,13 @@ def _time_alternating(
     cutoff: float,
     budget_s: float,
 ) -> int:
-    """Run the candidates in rotating order, round after round; returns the rounds timed."""
+    """Run the candidates round after round, each round in a new (seeded) random order; returns
+    the rounds timed. Not a fixed rotation: that gives every candidate the same predecessor, and
+    an engine leaves the next one a slower machine (TVM's and OpenVINO's worker threads, evicted
+    caches): on a tiny ResNet the ONNX Runtime run after TVM's took 20% longer than the same
+    session after its own."""
     active = list(timed)
+    shuffle = random.Random(0).shuffle
     for _ in range(max(warmup - 1, 0)):  # the correctness run was the first warm-up
         for candidate in list(active):
             _run_or_fail(candidate, feeds, active, record=False)
@@ -285,8 +291,9 @@ def _time_alternating(
     while done < rounds and active:
         if done >= min_rounds and time.perf_counter() - start > budget_s:
             break
-        shift = done % len(active)
-        for candidate in active[shift:] + active[:shift]:
+        order = list(active)
+        shuffle(order)
+        for candidate in order:
             _run_or_fail(candidate, feeds, active, record=True)
         done += 1
         if done >= min_rounds and len(active) > 1:

@@ -1,7 +1,7 @@
 """Backends against ONNX Runtime: TVM (untuned and tuned), OpenVINO and `--target auto`, per model.
 
 For each model of the zoo (GPT-2, BERT, LLaMA-style, ResNet; dynamo exports) this times, paired and
-in rotating order in one process (method: ../shared/notes/benchmarking.md and bench/common.py:
+in shuffled order in one process (method: ../shared/notes/benchmarking.md and bench/common.py:
 2 threads each, ONNX Runtime's spinning off, batch 1, sequence 128, warm-up runs, medians):
 
   onnxruntime  ONNX Runtime ORT_ENABLE_ALL on the original export (the baseline)
@@ -36,7 +36,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine, ort_session, relative_error, time_rotating  # noqa: E402
+from common import machine, ort_session, relative_error, time_paired  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -115,7 +115,7 @@ def measure(name: str, size: str, tune: int, rounds: int, threads: int) -> dict[
     row: dict[str, Any] = {"bench": "backends", "model": f"{name}-{size}", "threads": threads,
                            "batch": 1, "sequence": None if name == "resnet" else 128}  # fmt: skip
     runners = _compile_variants(name, size, path, feeds, tune, threads, row)
-    times = time_rotating(runners, rounds=rounds, title=f"{name}-{size}")
+    times = time_paired(runners, rounds=rounds, title=f"{name}-{size}")
     medians = {label: statistics.median(t) for label, t in times.items() if t}
     for label, ms in medians.items():
         row[f"{label}_ms"] = round(ms, 3)

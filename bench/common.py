@@ -1,17 +1,21 @@
 """What the benchmark scripts share: the machine description printed in every JSON line, ONNX
 Runtime sessions set up as ../shared/notes/benchmarking.md says (spinning off, fixed threads), the
-output check, and paired timing in rotating order with a progress bar.
+output check, and paired timing in shuffled order with a progress bar.
 
-Timing: every runner runs once per round, the order rotated each round, so that drift in machine
-speed hits all alike; medians are compared. A runner still `cutoff` times slower than the fastest
-after `min_rounds` rounds stops being timed (untuned TVM code can take seconds per run), and
-keeps the median of the runs it had; warm-up likewise stops after 2 s.
+Timing: every runner runs once per round, in a new (seeded) random order each round, so that drift
+in machine speed hits all alike and no runner always follows the same one (an engine leaves the
+next a slower machine: worker threads winding down, evicted caches; with a fixed rotation the ONNX
+Runtime session after TVM's ran 20% slower than the same session elsewhere); medians are compared.
+A runner still `cutoff` times slower than the fastest after `min_rounds` rounds stops being timed
+(untuned TVM code can take seconds per run), and keeps the median of the runs it had; warm-up
+likewise stops after 2 s.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -72,7 +76,7 @@ def relative_error(expected: list[np.ndarray], actual: list[np.ndarray]) -> floa
     return worst
 
 
-def time_rotating(
+def time_paired(
     runners: Mapping[str, Callable[[], Any]], *, rounds: int = 30, warmup: int = 5,
     min_rounds: int = 3, cutoff: float = 5.0, title: str = "timing",
 ) -> dict[str, list[float]]:  # fmt: skip
@@ -91,9 +95,11 @@ def time_rotating(
                 if time.perf_counter() - start > 2.0:
                     break
         bar.update(task, description=f"{title}: {len(active)} runners")
+        shuffle = random.Random(0).shuffle
         for done in range(rounds):
-            shift = done % len(active)
-            for label in active[shift:] + active[:shift]:
+            order = list(active)
+            shuffle(order)
+            for label in order:
                 start = time.perf_counter()
                 runners[label]()
                 times[label].append((time.perf_counter() - start) * 1e3)

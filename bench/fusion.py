@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from common import machine, ort_session, relative_error, time_rotating  # noqa: E402
+from common import machine, ort_session, relative_error, time_paired  # noqa: E402
 
 FUSED_OPS = (
     "Attention", "MultiHeadAttention", "GroupQueryAttention", "LayerNormalization",
@@ -140,7 +140,7 @@ def measure(name: str, size: str, exporter: str, pairs: int, folder: str) -> dic
         except Exception as error:  # a peer that cannot handle this export
             row[f"{label}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     runners = {label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()}
-    times = time_rotating(runners, rounds=pairs, title=f"{name}-{size}")
+    times = time_paired(runners, rounds=pairs, title=f"{name}-{size}")
     medians = {label: statistics.median(t) for label, t in times.items()}
     for label, ms in medians.items():
         row[f"{label}_ms"] = round(ms, 3)

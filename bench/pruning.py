@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from common import machine, ort_session, time_rotating  # noqa: E402
+from common import machine, ort_session, time_paired  # noqa: E402
 
 # (model, pass, ratio, multiple; None: the pass's default)
 SETTINGS: list[tuple[str, str, float, int | None]] = [
@@ -105,7 +105,7 @@ def measure(
         if label in ("magnitude", "refit"):  # activation prunes to the same shapes
             sessions[label] = session
     runners = {label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()}
-    times = time_rotating(runners, rounds=pairs, title=f"{name}-{size}")
+    times = time_paired(runners, rounds=pairs, title=f"{name}-{size}")
     medians = {label: statistics.median(t) for label, t in times.items()}
     for label, ms in medians.items():
         row[f"{label}_ms"] = round(ms, 3)

@@ -4,7 +4,7 @@ For each model of the zoo (GPT-2, BERT, LLaMA-style, ResNet; base size by defaul
 scheme, this builds two quantized models from the same export and compares them with the float
 model in ONNX Runtime (method: ../shared/notes/benchmarking.md and bench/common.py: 2 intra-op
 threads, spinning off, ORT_ENABLE_ALL, batch 1, sequence 128, warm-up runs, paired timing in
-rotating order, medians):
+shuffled order, medians):
 
   scheme         graphopt                                          ONNX Runtime's tool
   static-int8    O2,quantize-static (QDQ, uint8 activations,      quantize_static(QDQ, per_channel,
@@ -34,7 +34,7 @@ with the same scheme.
 
 One JSON line per model and scheme: cosine of both against fp32, their ratio and the ratio of
 their errors (1 - cosine), median latency (ms) of fp32, graphopt and the tool (timed together,
-rotating), the latency ratios, size on disk of all three, whether each model loads and runs in
+shuffled), the latency ratios, size on disk of all three, whether each model loads and runs in
 ONNX Runtime (a tool that fails or writes an invalid model is recorded, never fatal), and the
 machine: `graphopt.passes.quantization.cpu_features.detect_cpu().to_json()` when that module is
 there, else CPU model and SIMD flags from /proc/cpuinfo, and the runtime versions.
@@ -67,7 +67,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine, ort_session, time_rotating  # noqa: E402
+from common import machine, ort_session, time_paired  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
 
@@ -292,7 +292,7 @@ def measure(name: str, size: str, scheme: Scheme, path: str, calibration: list[F
             row[f"{label}_error"] = f"load/run: {_error(error)}"
             continue
         runners[label] = functools.partial(session.run, names, timing)
-    times = time_rotating(runners, rounds=rounds, title=f"{name}-{size} {scheme.name}")
+    times = time_paired(runners, rounds=rounds, title=f"{name}-{size} {scheme.name}")
     medians = {label: statistics.median(t) for label, t in times.items() if t}
     for label, ms in medians.items():
         row[f"{label}_ms"] = round(ms, 3)

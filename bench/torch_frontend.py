@@ -11,7 +11,7 @@ same torch module two ways, in one process, and times both imports:
 and two more variants that separate the frontend from the optimizer: `from_torch-raw` (the IR
 written as translated, no passes) and `torch.onnx+O2` (torch's export through graphopt O2).
 Every variant's outputs are compared with eager PyTorch; latency is timed in ONNX Runtime
-(ORT_ENABLE_ALL, 2 intra-op threads, spinning off, paired runs in rotating order, medians; method:
+(ORT_ENABLE_ALL, 2 intra-op threads, spinning off, paired runs in shuffled order, medians; method:
 ../shared/notes/benchmarking.md) at batch 1, sequence 128 (images: the size's own). One JSON
 line per model: import seconds of both paths (export + translation; O2 separately), medians (ms),
 ratios to torch.onnx, op counts, relative errors, and the machine.
@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from common import machine, ort_session, relative_error, time_rotating  # noqa: E402
+from common import machine, ort_session, relative_error, time_paired  # noqa: E402
 from fusion import op_counts  # noqa: E402
 
 BASELINE = "torch.onnx"
@@ -139,7 +139,7 @@ def measure(name: str, size: str, pairs: int) -> dict[str, Any]:
             continue
         sessions[label] = session
     runners = {label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()}
-    times = time_rotating(runners, rounds=pairs, title=f"{name}-{size}")
+    times = time_paired(runners, rounds=pairs, title=f"{name}-{size}")
     medians = {label: statistics.median(t) for label, t in times.items()}
     for label, ms in medians.items():
         row[f"{label}_ms"] = round(ms, 3)
