@@ -239,7 +239,7 @@ def select_backend(
             candidate.status, candidate.note = "wrong", problem
 
     timed = [c for c in candidates if c.status == "ok"]
-    done = _time_alternating(timed, feeds, warmup, rounds, min_rounds, cutoff, budget_s)
+    done = _time_shuffled(timed, feeds, warmup, rounds, min_rounds, cutoff, budget_s)
     for candidate in timed:
         if candidate.status == "ok" and not candidate.times_ms:
             candidate.status, candidate.note = "failed", candidate.note or "not timed"
@@ -267,7 +267,7 @@ def _oracle_outputs(
         ) from None
 
 
-def _time_alternating(
+def _time_shuffled(
     timed: list[Candidate],
     feeds: Mapping[str, np.ndarray],
     warmup: int,

@@ -90,7 +90,7 @@ def _compile_variants(
             if label == "tvm-tuned" and info is not None:
                 row["tvm_tune_s"], row["tvm_tasks"] = round(info.tune_s, 1), info.tasks
                 row["tvm_trials"] = info.trials
-            runners[label] = lambda e=executable: [e.run(feeds)[n] for n in names]
+            runners[label] = _in_order(executable, feeds, names)
         except Exception as error:  # a backend that cannot handle this model is a finding
             row[f"{label}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     expected = runners["onnxruntime"]()
@@ -105,6 +105,16 @@ def _compile_variants(
             row[f"{label}_error"] = f"outputs differ (relative {error:.2g})"
             del runners[label]
     return runners
+
+
+def _in_order(executable: Any, feeds: dict[str, Any], names: list[str]) -> Callable[[], list[Any]]:
+    """A runner: one run of `executable`, its outputs in the baseline's order."""
+
+    def run() -> list[Any]:
+        outputs = executable.run(feeds)
+        return [outputs[name] for name in names]
+
+    return run
 
 
 def measure(name: str, size: str, tune: int, rounds: int, threads: int) -> dict[str, Any]:

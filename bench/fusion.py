@@ -1,7 +1,7 @@
 """Fusion against ONNX Runtime's own optimizers: latency in ONNX Runtime and fused-op counts.
 
 For each model of the zoo (GPT-2, BERT, LLaMA-style, ResNet; base sizes by default) this builds
-five variants of the same export and times them in ONNX Runtime, paired and alternating, in one
+five variants of the same export and times them in ONNX Runtime, paired, in shuffled order, in one
 process (method: ../shared/notes/benchmarking.md: 2 intra-op threads, spinning off, batch 1,
 sequence 128, warm-up runs, medians):
 

@@ -1,7 +1,7 @@
 """Structured pruning in ONNX Runtime: does removing work make the model that much faster?
 
 For each model of the zoo this builds graphopt's O2 model and pruned copies of it, and times them in
-ONNX Runtime, paired and alternating, in one process (../shared/notes/benchmarking.md:
+ONNX Runtime, paired, in shuffled order, in one process (../shared/notes/benchmarking.md:
 ORT_ENABLE_ALL, 2 intra-op threads, spinning off, batch 1, warm-up runs, medians):
 
   gpt2, llama   prune-mlp{ratio=0.5}: half the MLP neurons of every layer
