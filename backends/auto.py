@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 ORACLE = "reference"
+FIRST_RUN_CUTOFF = 50.0  # see _without_hopeless
 # the file each backend's `Executable.save` writes; a backend not listed here may set
 # `artifact_suffix` on its executables, else the path is used as given
 ARTIFACT_SUFFIXES = {"reference": ".onnx", "onnxruntime": ".onnx", "openvino": ".xml", "tvm": ".so"}
@@ -193,6 +194,7 @@ def select_backend(
     min_rounds: int = 5,
     cutoff: float = 2.0,
     budget_s: float = 60.0,
+    slow_first_run_s: float = 1.0,
 ) -> Selection:
     """Compile `model` for each backend (default: every registered one), check it against the
     reference interpreter's outputs on `feeds` (or against `expected`), time the correct ones
@@ -200,7 +202,9 @@ def select_backend(
 
     Timing runs `warmup` untimed rounds, then up to `rounds` timed ones; after `min_rounds`,
     candidates over `cutoff` times the fastest median stop being timed, and no new round starts
-    once `budget_s` seconds of timing have passed. Raises `GraphoptError` when the reference
+    once `budget_s` seconds of timing have passed. A candidate whose first (checking) run took
+    over `slow_first_run_s` and over `FIRST_RUN_CUTOFF` times the fastest first run is not timed
+    further: its one run is its figure. Raises `GraphoptError` when the reference
     interpreter cannot run the model (nothing to check the others against).
     """
     registry = all_backends()
@@ -230,22 +234,49 @@ def select_backend(
         if candidate.status != "ok" or candidate.executable is None:
             continue
         try:
+            start = time.perf_counter()
             outputs = candidate.executable.run(feeds)
+            first_run_ms = (time.perf_counter() - start) * 1e3
         except Exception as error:
             candidate.status, candidate.note = "failed", f"run: {_short(error)}"
             continue
         problem = compare_outputs(expected, outputs, rtol)
         if problem:
             candidate.status, candidate.note = "wrong", problem
+        else:
+            candidate.times_ms.append(first_run_ms)
 
-    timed = [c for c in candidates if c.status == "ok"]
+    timed = _without_hopeless([c for c in candidates if c.status == "ok"], slow_first_run_s)
+    for candidate in timed:
+        candidate.times_ms.clear()
     done = _time_shuffled(timed, feeds, warmup, rounds, min_rounds, cutoff, budget_s)
     for candidate in timed:
         if candidate.status == "ok" and not candidate.times_ms:
             candidate.status, candidate.note = "failed", candidate.note or "not timed"
-    correct = [c for c in timed if c.status == "ok" and c.times_ms]
+    correct = [c for c in candidates if c.status == "ok" and c.times_ms]
     winner = min(correct, key=lambda c: c.median_ms or 0.0) if correct else None
     return Selection(candidates, winner, threads, done)
+
+
+def _without_hopeless(candidates: list[Candidate], slow_s: float) -> list[Candidate]:
+    """The candidates worth timing: not those whose first run took over `slow_s` seconds and over
+    `FIRST_RUN_CUTOFF` times the fastest first run. Untuned TVM code runs GPT-2 base for 65 s, and
+    the warm-up and `min_rounds` rounds before the median cutoff would cost it 8 minutes. A first
+    run carries one-time costs (allocation, lazy compilation: torch's first GPT-2 base run took
+    5.3 s, 9x its later ones), hence the wide margin, and only runs long enough for the time to
+    matter are judged by one."""
+    fastest = min((c.times_ms[0] for c in candidates), default=0.0)
+    kept = []
+    for candidate in candidates:
+        first = candidate.times_ms[0]
+        if first > slow_s * 1e3 and first > FIRST_RUN_CUTOFF * fastest:
+            candidate.note = _join(
+                candidate.note,
+                f"timed once ({first / 1e3:.3g} s, {first / fastest:.0f}x the fastest first run)",
+            )
+        else:
+            kept.append(candidate)
+    return kept
 
 
 def _oracle_outputs(

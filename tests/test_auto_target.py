@@ -7,6 +7,7 @@ listed with its reason, and the command line prints the table and writes the win
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,45 @@ def test_slow_candidates_stop_being_timed() -> None:
     assert selection.winner is not None
     stopped = [c for c in selection.candidates if "stopped after" in c.note]
     assert stopped and all(len(c.times_ms) < 8 for c in stopped)
+
+
+class _Sleepy(Executable):
+    """Right, but takes `seconds` per run."""
+
+    def __init__(self, model: Model, seconds: float):
+        self.interpreter, self.seconds = Interpreter(model), seconds
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(self.seconds)
+        return self.interpreter.run(inputs)
+
+
+class SlowBackend(Backend):
+    name = "test-slow"
+    description = "test: correct, 50 ms a run"
+
+    def compile(self, model: Model, target: str | None = None, **options: Any) -> Executable:
+        return _Sleepy(model, 0.05)
+
+
+def test_a_hopelessly_slow_first_run_is_the_only_run() -> None:
+    register_backend(SlowBackend)
+    try:
+        names = ["onnxruntime", "test-slow"]
+        selection = select_backend(_mlp(), _feeds(), backends=names, slow_first_run_s=0.01)
+    finally:
+        base._REGISTRY.pop(SlowBackend.name, None)
+    fast, slow = selection.candidates
+    assert selection.winner is fast and len(fast.times_ms) == 20
+    assert slow.correct and len(slow.times_ms) == 1 and slow.times_ms[0] >= 50.0
+    assert "timed once" in slow.note
+    # the same candidate under the default bar (1 s) is timed like any other
+    register_backend(SlowBackend)
+    try:
+        selection = select_backend(_mlp(), _feeds(), backends=names, rounds=3, min_rounds=3)
+    finally:
+        base._REGISTRY.pop(SlowBackend.name, None)
+    assert len(selection.candidates[1].times_ms) == 3
 
 
 def test_compare_outputs_names_the_problem() -> None:
