@@ -62,6 +62,7 @@ class Candidate:
     note: str = ""
     executable: Executable | None = None
     times_ms: list[float] = field(default_factory=list)
+    first_run_ms: float = 0.0  # the checking run's time
     compile_s: float = 0.0
 
     @property
@@ -240,15 +241,12 @@ def select_backend(
         except Exception as error:
             candidate.status, candidate.note = "failed", f"run: {_short(error)}"
             continue
+        candidate.first_run_ms = first_run_ms
         problem = compare_outputs(expected, outputs, rtol)
         if problem:
             candidate.status, candidate.note = "wrong", problem
-        else:
-            candidate.times_ms.append(first_run_ms)
 
     timed = _without_hopeless([c for c in candidates if c.status == "ok"], slow_first_run_s)
-    for candidate in timed:
-        candidate.times_ms.clear()
     done = _time_shuffled(timed, feeds, warmup, rounds, min_rounds, cutoff, budget_s)
     for candidate in timed:
         if candidate.status == "ok" and not candidate.times_ms:
@@ -265,11 +263,12 @@ def _without_hopeless(candidates: list[Candidate], slow_s: float) -> list[Candid
     run carries one-time costs (allocation, lazy compilation: torch's first GPT-2 base run took
     5.3 s, 9x its later ones), hence the wide margin, and only runs long enough for the time to
     matter are judged by one."""
-    fastest = min((c.times_ms[0] for c in candidates), default=0.0)
+    fastest = min((c.first_run_ms for c in candidates), default=0.0)
     kept = []
     for candidate in candidates:
-        first = candidate.times_ms[0]
+        first = candidate.first_run_ms
         if first > slow_s * 1e3 and first > FIRST_RUN_CUTOFF * fastest:
+            candidate.times_ms = [first]
             candidate.note = _join(
                 candidate.note,
                 f"timed once ({first / 1e3:.3g} s, {first / fastest:.0f}x the fastest first run)",

@@ -145,23 +145,22 @@ class SlowBackend(Backend):
         return _Sleepy(model, 0.05)
 
 
-def test_a_hopelessly_slow_first_run_is_the_only_run() -> None:
+@pytest.fixture
+def slow_backend() -> Iterator[None]:
     register_backend(SlowBackend)
-    try:
-        names = ["onnxruntime", "test-slow"]
-        selection = select_backend(_mlp(), _feeds(), backends=names, slow_first_run_s=0.01)
-    finally:
-        base._REGISTRY.pop(SlowBackend.name, None)
+    yield
+    base._REGISTRY.pop(SlowBackend.name, None)
+
+
+def test_a_hopelessly_slow_first_run_is_the_only_run(slow_backend: None) -> None:
+    names = ["onnxruntime", "test-slow"]
+    selection = select_backend(_mlp(), _feeds(), backends=names, slow_first_run_s=0.01)
     fast, slow = selection.candidates
     assert selection.winner is fast and len(fast.times_ms) == 20
     assert slow.correct and len(slow.times_ms) == 1 and slow.times_ms[0] >= 50.0
     assert "timed once" in slow.note
     # the same candidate under the default bar (1 s) is timed like any other
-    register_backend(SlowBackend)
-    try:
-        selection = select_backend(_mlp(), _feeds(), backends=names, rounds=3, min_rounds=3)
-    finally:
-        base._REGISTRY.pop(SlowBackend.name, None)
+    selection = select_backend(_mlp(), _feeds(), backends=names, rounds=3, min_rounds=3)
     assert len(selection.candidates[1].times_ms) == 3
 
 
