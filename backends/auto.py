@@ -21,16 +21,17 @@ This places whole models on one engine; placing subgraphs is later work.
 from __future__ import annotations
 
 import os
-import random
 import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from graphopt.backends.base import Backend, BackendError, Executable, all_backends
+from graphopt.backends.timing import time_paired
 from graphopt.ir.core import Model
 from graphopt.ir.errors import GraphoptError
 
@@ -176,12 +177,6 @@ def _short(error: BaseException) -> str:
     return (text[:157] + "...") if len(text) > 160 else text or type(error).__name__
 
 
-def _timed_run(executable: Executable, feeds: Mapping[str, np.ndarray]) -> float:
-    start = time.perf_counter()
-    executable.run(feeds)
-    return (time.perf_counter() - start) * 1e3
-
-
 def select_backend(
     model: Model,
     feeds: Mapping[str, np.ndarray],
@@ -247,7 +242,7 @@ def select_backend(
             candidate.status, candidate.note = "wrong", problem
 
     timed = _without_hopeless([c for c in candidates if c.status == "ok"], slow_first_run_s)
-    done = _time_shuffled(timed, feeds, warmup, rounds, min_rounds, cutoff, budget_s)
+    done = _time(timed, feeds, warmup, rounds, min_rounds, cutoff, budget_s)
     for candidate in timed:
         if candidate.status == "ok" and not candidate.times_ms:
             candidate.status, candidate.note = "failed", candidate.note or "not timed"
@@ -297,7 +292,7 @@ def _oracle_outputs(
         ) from None
 
 
-def _time_shuffled(
+def _time(
     timed: list[Candidate],
     feeds: Mapping[str, np.ndarray],
     warmup: int,
@@ -306,54 +301,24 @@ def _time_shuffled(
     cutoff: float,
     budget_s: float,
 ) -> int:
-    """Run the candidates round after round, each round in a new (seeded) random order; returns
-    the rounds timed. Not a fixed rotation: that gives every candidate the same predecessor, and
-    an engine leaves the next one a slower machine (TVM's and OpenVINO's worker threads, evicted
-    caches): on a tiny ResNet the ONNX Runtime run after TVM's took 20% longer than the same
-    session after its own."""
-    active = list(timed)
-    shuffle = random.Random(0).shuffle
-    for _ in range(max(warmup - 1, 0)):  # the correctness run was the first warm-up
-        for candidate in list(active):
-            _run_or_fail(candidate, feeds, active, record=False)
-    start = time.perf_counter()
-    done = 0
-    while done < rounds and active:
-        if done >= min_rounds and time.perf_counter() - start > budget_s:
-            break
-        order = list(active)
-        shuffle(order)
-        for candidate in order:
-            _run_or_fail(candidate, feeds, active, record=True)
-        done += 1
-        if done >= min_rounds and len(active) > 1:
-            best = min(c.median_ms or float("inf") for c in active)
-            for candidate in list(active):
-                median = candidate.median_ms or float("inf")
-                if median > cutoff * best:
-                    active.remove(candidate)
-                    candidate.note = _join(
-                        candidate.note,
-                        f"stopped after {len(candidate.times_ms)} runs (> {cutoff:g}x the fastest)",
-                    )
-    return done
-
-
-def _run_or_fail(
-    candidate: Candidate, feeds: Mapping[str, np.ndarray], active: list[Candidate], record: bool
-) -> bool:
-    assert candidate.executable is not None
-    try:
-        elapsed = _timed_run(candidate.executable, feeds)
-    except Exception as error:
-        candidate.status, candidate.note = "failed", f"run: {_short(error)}"
-        candidate.times_ms.clear()
-        if candidate in active:
-            active.remove(candidate)
-        return False
-    if record:
-        candidate.times_ms.append(elapsed)
-    return True
+    """Time the candidates paired, in shuffled rounds (`graphopt.backends.timing`); a candidate
+    that fails to run is marked failed, one cut for slowness says so. Returns the rounds timed."""
+    by_label = {str(i): c for i, c in enumerate(timed)}
+    paired = time_paired(
+        {label: partial(c.executable.run, feeds) for label, c in by_label.items()},  # type: ignore[union-attr]
+        rounds=rounds, warmup=max(warmup - 1, 0),  # the checking run was the first warm-up
+        min_rounds=min_rounds, cutoff=cutoff, budget_s=budget_s, catch=True,
+    )  # fmt: skip
+    for label, candidate in by_label.items():
+        candidate.times_ms = paired.times_ms[label]
+        if label in paired.failed:
+            candidate.status, candidate.note = "failed", f"run: {_short(paired.failed[label])}"
+        elif label in paired.cut:
+            candidate.note = _join(
+                candidate.note,
+                f"stopped after {paired.cut[label]} runs (> {cutoff:g}x the fastest)",
+            )
+    return paired.rounds
 
 
 def _join(*parts: str) -> str:

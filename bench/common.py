@@ -1,23 +1,13 @@
 """What the benchmark scripts share: the machine description printed in every JSON line, ONNX
 Runtime sessions set up as ../shared/notes/benchmarking.md says (spinning off, fixed threads), the
-output check, and paired timing in shuffled order with a progress bar.
-
-Timing: every runner runs once per round, in a new (seeded) random order each round, so that drift
-in machine speed hits all alike and no runner always follows the same one (an engine leaves the
-next a slower machine: worker threads winding down, evicted caches; with a fixed rotation the ONNX
-Runtime session after TVM's ran 20% slower than the same session elsewhere); medians are compared.
-A runner still `cutoff` times slower than the fastest after `min_rounds` rounds stops being timed
-(untuned TVM code can take seconds per run), and keeps the median of the runs it had; warm-up
-likewise stops after 2 s.
+output check, and paired timing in shuffled rounds with a progress bar (the method, shared with
+`--target auto`, is graphopt.backends.timing's; medians are compared).
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import random
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -80,31 +70,15 @@ def time_paired(
     runners: Mapping[str, Callable[[], Any]], *, rounds: int = 30, warmup: int = 5,
     min_rounds: int = 3, cutoff: float = 5.0, title: str = "timing",
 ) -> dict[str, list[float]]:  # fmt: skip
-    """Milliseconds of each runner's timed runs (see the module docstring)."""
+    """Milliseconds of each runner's timed runs (graphopt.backends.timing), with a progress bar."""
     from rich.console import Console
     from rich.progress import Progress
 
-    active = list(runners)
-    times: dict[str, list[float]] = {label: [] for label in runners}
+    from graphopt.backends.timing import time_paired as paired
+
     with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(f"{title}: warm-up", total=rounds)
-        for label in active:  # a slow runner warms up for 2 s at most
-            start = time.perf_counter()
-            for _ in range(warmup):
-                runners[label]()
-                if time.perf_counter() - start > 2.0:
-                    break
-        bar.update(task, description=f"{title}: {len(active)} runners")
-        shuffle = random.Random(0).shuffle
-        for done in range(rounds):
-            order = list(active)
-            shuffle(order)
-            for label in order:
-                start = time.perf_counter()
-                runners[label]()
-                times[label].append((time.perf_counter() - start) * 1e3)
-            bar.advance(task)
-            if done + 1 >= min_rounds and len(active) > 1:
-                best = min(statistics.median(times[label]) for label in active)
-                active = [a for a in active if statistics.median(times[a]) <= cutoff * best]
-    return times
+        task = bar.add_task(f"{title}: {len(runners)} runners", total=rounds)
+        return paired(
+            runners, rounds=rounds, warmup=warmup, min_rounds=min_rounds, cutoff=cutoff,
+            on_round=lambda done: bar.update(task, completed=done),
+        ).times_ms  # fmt: skip
