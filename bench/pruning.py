@@ -19,8 +19,10 @@ count 1; attention's own products are not counted), before and after. One JSON l
 setting: median latencies (ms), speed-up over o2, FLOP reduction (before / after), and
 speed-up / FLOP reduction (the goal: >= 0.8), and per scoring the output cosine similarity with
 the unpruned model on held-out inputs (seeds other than the calibration samples'), run in ONNX
-Runtime; for refit, how many consumer layers its held-out check left as plain pruning; plus the
-machine (CPU model, SIMD flags, versions).
+Runtime; for refit, how many consumer layers its held-out check left as plain pruning and the
+best fit's error on the held-out calibration fold over plain pruning's (min, median, max over the
+consumer layers: below 1, least squares recovers some of what pruning removed); plus the machine
+(CPU model, SIMD flags, versions).
 
     python bench/pruning.py [--models gpt2,llama,resnet] [--size base|tiny] [--pairs 30]
         [--calibration 8]
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -49,6 +52,7 @@ SETTINGS: list[tuple[str, str, float, int | None]] = [
     ("resnet", "prune-channels", 0.3, None),
     ("resnet", "prune-channels", 0.3, 1),
 ]
+HELDOUT = re.compile(r"held-out error ([0-9.e+-]+)x")
 SCORINGS = {"magnitude": ("magnitude", "false"), "activation": ("activation", "false"),
             "refit": ("magnitude", "true")}  # fmt: skip
 
@@ -94,7 +98,13 @@ def measure(
         if refit == "true":  # how many sinks the held-out fold let least squares change
             chosen = [n.message for n in result.notes if n.message.startswith("refit: ")]
             row["refit_sinks"] = len(chosen)
-            row["refit_sinks_left_plain"] = sum("plain pruning" in m for m in chosen)
+            row["refit_sinks_left_plain"] = sum("plain pruning (" in m for m in chosen)
+            ratios = [float(r) for m in chosen for r in HELDOUT.findall(m)]
+            if ratios:  # the best fit's error on the held-out fold over plain pruning's, per sink
+                row["refit_heldout_error_ratio"] = {
+                    "min": round(min(ratios), 4), "median": round(statistics.median(ratios), 4),
+                    "max": round(max(ratios), 4),
+                }  # fmt: skip
         flops_after = model_flops(model.graph)
         row["flops_before"], row[f"{label}_flops_after"] = flops_before, flops_after
         session = ort_session(to_onnx(model))

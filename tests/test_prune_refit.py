@@ -10,6 +10,8 @@ calibration data refit is one clear error.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -148,7 +150,8 @@ def test_refit_says_per_layer_which_fit_it_kept():
         _low_rank_mlp(False), "prune-mlp{ratio=0.5 refit=true}", calibration=_samples(shape, 6, 1)
     )
     chosen = [n.message for n in result.notes if n.message.startswith("refit: ")]
-    assert len(chosen) == 1 and "least squares" in chosen[0]
+    assert len(chosen) == 1 and chosen[0].startswith("refit: least squares")
+    assert _heldout_ratio(chosen[0]) < 0.5  # the report says how much the fit recovered
 
     rng = np.random.default_rng(7)
     g = Graph("main")
@@ -162,7 +165,15 @@ def test_refit_says_per_layer_which_fit_it_kept():
     ]
     result = optimize_model(_finish(g), "prune-mlp{ratio=0.5 refit=true}", calibration=samples)
     chosen = [n.message for n in result.notes if n.message.startswith("refit: ")]
-    assert len(chosen) == 1 and "plain pruning" in chosen[0]
+    assert len(chosen) == 1 and chosen[0].startswith("refit: plain pruning")
+    assert _heldout_ratio(chosen[0]) >= 1.0
+
+
+def _heldout_ratio(message: str) -> float:
+    """The best fit's held-out error over plain pruning's, as the refit note gives it."""
+    found = re.search(r"held-out error ([0-9.e+-]+)x plain pruning's", message)
+    assert found, message
+    return float(found.group(1))
 
 
 @pytest.mark.parametrize("passes", ["prune-mlp{refit=true}", "prune-channels{scores=activation}"])

@@ -14,15 +14,16 @@ has a closed form in the mean `mu` and covariance `C = E[x x^T] - mu mu^T` of th
 (the removed inputs' mean contribution folds into the bias: with uncorrelated inputs `W' = W_k`
 and `b' = mu_removed W_removed`). `lambda` is a ridge toward the plain pruned weights `W_k` (not
 toward 0: input directions the calibration rows miss keep W_k's answer instead of losing it), in
-units of the mean variance, chosen per
-sink: samples alternate between two folds, each candidate (`RIDGE` times 1, 10, 100, 1000;
-"keep W_k, fold only the mean"; "plain pruning": W_k and no bias change) is solved on the first
-fold and scored on the second, and the best is solved again on both. Few calibration rows for a
-wide layer overfit a least-squares fit (and even the mean estimate); the held-out fold catches
-that, and a layer where nothing beats plain pruning is left as plain pruning leaves it. The Gram matrix `E[x x^T]` and the mean are
-accumulated in one pass over the calibration data (`calibration.observe`), in float64, on the
-*original* model's activations (one-shot, as SparseGPT/Wanda do): memory 2 P x P per sink, P the
-input width (MatMul: K; Conv: C * kh * kw).
+units of the mean variance, chosen per sink: samples alternate between two folds, each candidate
+(`RIDGE` times 1, 10, 100, 1000; "keep W_k, fold only the mean"; "plain pruning": W_k and no bias
+change) is solved on the first fold and scored on the second, and the best is solved again on
+both. Few calibration rows for a wide layer overfit a least-squares fit (and even the mean
+estimate); the held-out fold catches that, and a layer where nothing beats plain pruning is left
+as plain pruning leaves it. The report gives per sink the choice and the best fit's held-out error
+over plain pruning's (how much of what pruning removed the fit recovers). The Gram matrix
+`E[x x^T]` and the mean are accumulated in one pass over the calibration data
+(`calibration.observe`), in float64, on the *original* model's activations (one-shot, as
+SparseGPT/Wanda do): memory 2 P x P per sink, P the input width (MatMul: K; Conv: C * kh * kw).
 
 Convolutions: group 1, 2-D, explicit pads (`auto_pad` NOTSET): im2col patches with the Conv's
 pads, strides and dilations. Depthwise/grouped Convs are not sinks (they carry channels through).
@@ -64,7 +65,10 @@ class Refit:
     skipped: list[tuple[Node, str]]
     chosen: dict[Node, str] = field(
         default_factory=dict
-    )  # per sink: which fit the held-out fold chose
+    )  # per sink: which fit the held-out fold chose, and its held-out error against plain's
+    heldout_ratio: dict[Node, float] = field(
+        default_factory=dict
+    )  # per sink: the best fit's held-out error over plain pruning's (below 1: the fit helps)
 
 
 @dataclass
@@ -196,6 +200,7 @@ def refit(model: Model, data: Iterable[Feeds], cuts: Sequence[SinkCut]) -> Refit
     weights: dict[tuple[Node, int], np.ndarray] = {}
     bias: dict[Node, np.ndarray] = {}
     chosen: dict[Node, str] = {}
+    ratios: dict[Node, float] = {}
     for cut in cuts:
         found = grams.get(cut.node)
         if found is None or found.count == 0:
@@ -204,8 +209,10 @@ def refit(model: Model, data: Iterable[Feeds], cuts: Sequence[SinkCut]) -> Refit
         matrix, axis = _matrix(cut.node)
         per = matrix.shape[0] // len(cut.keep)  # im2col: kh * kw positions per channel
         keep = np.repeat(cut.keep, per)
-        new, delta, choice = _solve(gram, matrix, keep)
-        chosen[cut.node] = _describe(choice)
+        new, delta, choice, ratio = _solve(gram, matrix, keep)
+        chosen[cut.node] = _describe(choice, ratio)
+        if ratio is not None:
+            ratios[cut.node] = ratio
         w = cut.node.inputs[1].const_value  # type: ignore[union-attr]
         assert w is not None
         full = matrix.copy()
@@ -216,35 +223,45 @@ def refit(model: Model, data: Iterable[Feeds], cuts: Sequence[SinkCut]) -> Refit
             stored = full.T if axis == 1 else full
         weights[(cut.node, 1)] = stored.astype(w.dtype)
         bias[cut.node] = delta
-    return Refit(weights, bias, skipped, chosen)
+    return Refit(weights, bias, skipped, chosen, ratios)
 
 
 def _solve(
     gram: _Gram, w: np.ndarray, keep: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, float | str]:
+) -> tuple[np.ndarray, np.ndarray, float | str, float | None]:
     """The refit of the kept rows and the bias delta. Candidates: least squares with a ridge of
     `RIDGE` times 1, 10, ... (`RIDGE_STEPS` of them), only the mean fold (`MEAN`), and nothing at
     all (`PLAIN`: W_k, no bias change); each is solved on the first fold and scored on the second,
     and the best is solved again on both. With few calibration rows for a wide layer (LLaMA-base's
     2048-wide down projection from 8 x 128 tokens) the held-out fold can prefer plain pruning:
-    then the layer is left as plain pruning leaves it. Returns the weights, the bias delta and
-    the choice."""
+    then the layer is left as plain pruning leaves it. Returns the weights, the bias delta, the
+    choice and the best fit's held-out error over plain pruning's (None with a single sample:
+    no held-out fold)."""
     first, second = gram.folds
     choice: float | str = RIDGE
+    ratio = None
     if first.count and second.count:
-        candidates: list[float | str] = [RIDGE * 10**k for k in range(RIDGE_STEPS)]
-        candidates += [MEAN, PLAIN]
-        errors = [_error(second, w, keep, *_fit(first, w, keep, c)) for c in candidates]
-        choice = candidates[int(np.argmin(errors))]
-    return (*_fit(first + second, w, keep, choice), choice)
+        fits: list[float | str] = [RIDGE * 10**k for k in range(RIDGE_STEPS)] + [MEAN]
+        errors = [_error(second, w, keep, *_fit(first, w, keep, c)) for c in fits]
+        plain = _error(second, w, keep, *_fit(first, w, keep, PLAIN))
+        best = int(np.argmin(errors))
+        ratio = errors[best] / plain if plain > 0 else 1.0
+        choice = fits[best] if errors[best] < plain else PLAIN
+    return (*_fit(first + second, w, keep, choice), choice, ratio)
 
 
-def _describe(choice: float | str) -> str:
+def _describe(choice: float | str, ratio: float | None) -> str:
+    """What the held-out check chose; `ratio`: the best fit's held-out error over plain's."""
+    heldout = f"held-out error {ratio:.3g}x plain pruning's" if ratio is not None else ""
     if choice == PLAIN:
-        return "plain pruning (no fit did better on held-out rows)"
+        return "plain pruning (no fit did better on held-out rows" + (
+            f"; the best fit's {heldout})" if heldout else ")"
+        )
     if choice == MEAN:
-        return "mean folded into the bias, weights kept"
-    return f"least squares, ridge {float(choice):g} x mean variance"
+        how = "mean folded into the bias, weights kept"
+    else:
+        how = f"least squares, ridge {float(choice):g} x mean variance"
+    return f"{how} ({heldout})" if heldout else how
 
 
 MEAN, PLAIN = "mean", "plain"
