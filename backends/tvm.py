@@ -18,7 +18,9 @@ Each target is compiled with TVM's own pipeline for it (`relax.get_default_pipel
 fuse, and dlight default schedules on GPUs). Untuned CPU code is plain loops, one thread: 100-300x
 slower than ONNX Runtime. `tune=N` runs MetaSchedule with N trials over the fused kernels and keeps
 its database in `tuning_dir` (the command line puts it next to the output); a later compile of the
-same kernels finds their records there and tunes only what is missing. Tuning needs static shapes:
+same kernels finds their records there and tunes only what is missing, or, asked for more trials
+than the database was tuned with, tunes every kernel for the difference (the search starts from
+the records' best schedules). Tuning needs static shapes:
 symbolic dims are bound with `dims={"batch": 1, "sequence": 128}` (unbound ones become 1).
 
 Nodes the lowering does not cover make `compile` fail with an error naming them, unless
@@ -192,7 +194,8 @@ def _tune(
     fused: Any, target: Any, work_dir: str, trials: int, progress: Progress | None,
     info: CompileInfo,
 ) -> Any:  # fmt: skip
-    """Tune the fused kernels that the database in `work_dir` has no record for."""
+    """Tune the fused kernels that the database in `work_dir` has no record for, or all of them
+    for the difference when `trials` is more than the database was tuned with."""
     absent = [m for m in ("xgboost", "cloudpickle", "psutil") if importlib.util.find_spec(m) is None]  # fmt: skip  # noqa: E501
     if absent:
         raise BackendError(
@@ -207,26 +210,54 @@ def _tune(
     missing = [
         t for t in tasks if database.query_tuning_record(t.dispatched[0], target, "main") is None
     ]
-    info.tasks, info.tasks_tuned, info.tuning_dir = len(tasks), len(missing), work_dir
-    if not missing:
-        info.notes.append(f"tuning: all {len(tasks)} kernels found in {work_dir}")
+    done = _trials_done(work_dir)
+    if not missing and trials <= done:
+        info.tasks = len(tasks)
+        info.tuning_dir = work_dir
+        info.notes.append(f"tuning: all {len(tasks)} kernels found in {work_dir} ({done} trials)")
         return database
+    # more trials than the database was tuned with: tune every kernel again for the difference;
+    # the search starts from the database's best schedules
+    top_up = not missing
+    chosen = tasks if trials > done else missing
+    budget = trials - done if top_up else trials
+    info.tasks, info.tasks_tuned, info.tuning_dir = len(tasks), len(chosen), work_dir
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        missing, work_dir, num_threads=int(target.attrs.get("num-cores", 1))
+        chosen, work_dir, num_threads=int(target.attrs.get("num-cores", 1))
     )
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
     if progress is not None:
-        callbacks.append(_progress_callback(progress, trials))
+        callbacks.append(_progress_callback(progress, budget))
     start = time.perf_counter()
     ms.tune_tasks(
-        tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
-        num_trials_per_iter=min(64, max(8, trials // max(1, len(missing)))),
+        tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=budget,
+        num_trials_per_iter=min(64, max(8, budget // max(1, len(chosen)))),
         database=database, measure_callbacks=callbacks,
         builder=ms.builder.LocalBuilder(f_build=_build_kernel),
     )  # fmt: skip
     info.tune_s = time.perf_counter() - start
-    info.trials = trials
+    info.trials = budget
+    if top_up:
+        info.notes.append(f"tuning: {done} trials in {work_dir}, {budget} more to reach {trials}")
+    _record_trials(work_dir, max(done, trials))
     return database
+
+
+TRIALS_FILE = "graphopt_trials.json"  # in the tuning directory: the trials it was tuned with
+
+
+def _trials_done(work_dir: str) -> int:
+    """The trials the database in `work_dir` was tuned with (0: unknown, e.g. TVM's own)."""
+    try:
+        with open(os.path.join(work_dir, TRIALS_FILE)) as f:
+            return int(json.load(f)["trials"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _record_trials(work_dir: str, trials: int) -> None:
+    with open(os.path.join(work_dir, TRIALS_FILE), "w") as f:
+        json.dump({"trials": trials}, f)
 
 
 def _build_kernel(mod: Any, target: Any, _params: Any) -> Any:

@@ -8,7 +8,8 @@ in shuffled order in one process (method: ../shared/notes/benchmarking.md and be
   openvino     graphopt O2, then the openvino backend (CPU plugin, fp32, 2 threads)
   tvm          graphopt O2, then the tvm backend for llvm (host CPU, mcpu native), untuned
   tvm-tuned    the same with MetaSchedule (`--tune N` trials; the database is kept in
-               bench/out/tuning/<model>, so a second run reuses it and tunes nothing new)
+               bench/out/tuning/<model>, so a second run reuses it: with the same N it tunes
+               nothing new, with a bigger N only the difference)
   auto         what `--target auto` chooses on the O2 model (graphopt.backends.auto: every
                available backend compiled, checked against the reference, timed), timed again
                here beside the others

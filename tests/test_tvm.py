@@ -349,7 +349,7 @@ def test_save_load_and_command_line(zoo_model: Callable[..., Path], tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_tuning_database_is_reused(tmp_path: Path):
+def test_tuning_database_is_reused_and_topped_up(tmp_path: Path):
     graph = Graph("mlp")
     b = Builder(graph)
     x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 32)))
@@ -364,6 +364,11 @@ def test_tuning_database_is_reused(tmp_path: Path):
     assert (tuning / "database_tuning_record.json").stat().st_size > 0
     second = check(model, feeds, tune=4, tuning_dir=os.fspath(tuning), dims={"batch": 4})
     assert second.info.tasks_tuned == 0 and second.info.tune_s == 0.0
+    # more trials than the database holds: every kernel is tuned again, for the difference
+    third = check(model, feeds, tune=12, tuning_dir=os.fspath(tuning), dims={"batch": 4})
+    assert third.info.tasks_tuned == third.info.tasks and third.info.trials == 8
+    fourth = check(model, feeds, tune=12, tuning_dir=os.fspath(tuning), dims={"batch": 4})
+    assert fourth.info.tasks_tuned == 0
 
 
 def test_targets_are_dicts():
