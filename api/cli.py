@@ -135,7 +135,7 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tune", type=int, default=0, metavar="N",
-        help="--target tvm:...: MetaSchedule trials (database cached in <output stem>.tuning/)",
+        help="--target tvm:... or auto: MetaSchedule trials (database in <output stem>.tuning/)",
     )  # fmt: skip
     parser.add_argument(
         "--fallback", nargs="?", const="onnxruntime", choices=["onnxruntime", "reference"],
@@ -224,6 +224,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.passes import optimize_model
 
     start = time.perf_counter()
+    if args.tune and not (args.target == "auto" or args.target.startswith("tvm:")):
+        raise GraphoptError(
+            f"--tune applies to TVM, not to --target {args.target}",
+            hint="use --target tvm:llvm (or auto, which tunes its TVM candidate) or drop --tune",
+        )
     model = graphopt.load(args.model)
     before, after = _parse_dumps(args.dump_ir)
     compiled = args.target in ("auto", "openvino") or args.target.startswith("tvm:")
@@ -297,19 +302,24 @@ def _compile_for_target(args: argparse.Namespace, model: Model) -> str:
             dims=_parse_dims(args.dim), say=lambda text: _console().print(text, markup=False),
         )[0]  # fmt: skip
     from graphopt.api.feeds import load_feeds, random_feeds
-    from graphopt.backends.auto import compile_and_save
+    from graphopt.backends.auto import compile_and_save, feed_dims
 
     feeds = None
+    options: dict[str, dict[str, object]] = {}
     if args.target == "auto":
         feeds = (
             load_feeds(args.inputs, model)
             if args.inputs
             else random_feeds(model, seed=0, dims=_parse_dims(args.dim))
         )
+        if args.tune:  # tuned TVM is compiled for the shapes of the inputs it is timed on
+            tuning_dir = os.path.splitext(args.output)[0] + ".tuning"
+            dims = feed_dims(model, feeds)
+            options["tvm"] = {"tune": args.tune, "tuning_dir": tuning_dir, "dims": dims}
     console = _console()
     written, selection = compile_and_save(
         model, args.target, args.output, feeds=feeds, threads=args.threads,
-        external_data=args.external_data or None,
+        external_data=args.external_data or None, compile_options=options,
     )  # fmt: skip
     name = args.target
     if selection is not None and selection.winner is not None:

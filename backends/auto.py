@@ -34,6 +34,7 @@ from graphopt.backends.base import Backend, BackendError, Executable, all_backen
 from graphopt.backends.timing import time_paired
 from graphopt.ir.core import Model
 from graphopt.ir.errors import GraphoptError
+from graphopt.ir.types import TensorType
 
 __all__ = [
     "ARTIFACT_SUFFIXES",
@@ -42,6 +43,7 @@ __all__ = [
     "artifact_path",
     "compare_outputs",
     "compile_and_save",
+    "feed_dims",
     "save_artifact",
     "select_backend",
 ]
@@ -162,6 +164,21 @@ def compare_outputs(
     return None
 
 
+def feed_dims(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """The value of every symbolic input dim in `feeds` (`{"batch": 1, "sequence": 128}`): what a
+    backend that compiles for static shapes (tuned TVM) must bind to run these inputs."""
+    dims: dict[str, int] = {}
+    for value in model.graph.inputs:
+        array = feeds.get(value.name or "")
+        shape = value.type.shape if isinstance(value.type, TensorType) else None
+        if array is None or shape is None or len(shape) != np.ndim(array):
+            continue
+        for dim, size in zip(shape, np.shape(array), strict=True):
+            if isinstance(dim, str):
+                dims.setdefault(dim, int(size))
+    return dims
+
+
 def _make(name: str, info: Any) -> tuple[Backend | None, str]:
     try:
         backend = info.load()()
@@ -191,6 +208,7 @@ def select_backend(
     cutoff: float = 2.0,
     budget_s: float = 60.0,
     slow_first_run_s: float = 1.0,
+    compile_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Selection:
     """Compile `model` for each backend (default: every registered one), check it against the
     reference interpreter's outputs on `feeds` (or against `expected`), time the correct ones
@@ -200,8 +218,10 @@ def select_backend(
     candidates over `cutoff` times the fastest median stop being timed, and no new round starts
     once `budget_s` seconds of timing have passed. A candidate whose first (checking) run took
     over `slow_first_run_s` and over `FIRST_RUN_CUTOFF` times the fastest first run is not timed
-    further: its one run is its figure. Raises `GraphoptError` when the reference
-    interpreter cannot run the model (nothing to check the others against).
+    further: its one run is its figure. `compile_options` (backend name -> keyword arguments)
+    go to that backend's `compile` (`{"tvm": {"tune": 640, "dims": ...}}`). Raises
+    `GraphoptError` when the reference interpreter cannot run the model (nothing to check the
+    others against).
     """
     registry = all_backends()
     names = list(backends) if backends is not None else list(registry)
@@ -219,7 +239,8 @@ def select_backend(
             continue
         start = time.perf_counter()
         try:
-            candidate.executable = backend.compile(model, threads=threads)
+            options = (compile_options or {}).get(name, {})
+            candidate.executable = backend.compile(model, threads=threads, **options)
         except Exception as error:  # any backend's failure excludes it, with the reason
             candidate.status, candidate.note = "failed", f"compile: {_short(error)}"
         candidate.compile_s = time.perf_counter() - start
@@ -363,16 +384,19 @@ def compile_and_save(
     threads: int = 2,
     external_data: bool | None = None,
     backends: Sequence[str] | None = None,
+    compile_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[list[str], Selection | None]:
     """What `graphopt optimize --target NAME|auto -o PATH` does after the passes: compile `model`
     with backend `target` (for `auto`, the winner of `select_backend` on `feeds` among `backends`,
-    default all) and write its artifact. Returns the files written and, for `auto`, the
-    selection."""
+    default all; `compile_options` as there) and write its artifact. Returns the files written
+    and, for `auto`, the selection."""
     selection = None
     if target == "auto":
         if feeds is None:
             raise BackendError("--target auto needs inputs to check and time the backends on")
-        selection = select_backend(model, feeds, threads=threads, backends=backends)
+        selection = select_backend(
+            model, feeds, threads=threads, backends=backends, compile_options=compile_options
+        )
         if selection.winner is None:
             reasons = "; ".join(f"{c.backend}: {c.note}" for c in selection.candidates)
             raise BackendError(f"no backend ran the model correctly ({reasons})")
@@ -380,7 +404,8 @@ def compile_and_save(
     else:
         from graphopt.backends.base import get_backend
 
+        options = (compile_options or {}).get(target, {})
         candidate = Candidate(
-            target, executable=get_backend(target).compile(model, threads=threads)
+            target, executable=get_backend(target).compile(model, threads=threads, **options)
         )
     return save_artifact(candidate, model, path, external_data=external_data), selection

@@ -250,3 +250,66 @@ def test_auto_without_any_correct_backend_is_an_error(tmp_path: Path) -> None:
                              backends=["test-broken"])  # fmt: skip
     finally:
         base._REGISTRY.pop("test-broken", None)
+
+
+def test_compile_options_reach_their_backend_only() -> None:
+    """`compile_options` go to the named backend's `compile` (tuning the TVM candidate of
+    `--target auto --tune N`), and to no other."""
+    seen: dict[str, dict[str, Any]] = {}
+
+    class Recording(Backend):
+        name = "test-recording"
+        description = "test: records its compile options, runs the reference"
+
+        def compile(self, model: Model, target: str | None = None, **options: Any) -> Executable:
+            seen[self.name] = options
+            return _Instant(Interpreter(model).run(_feeds()))
+
+    base.all_backends()
+    register_backend(Recording)
+    try:
+        options = {"test-recording": {"tune": 8, "dims": {"batch": 3}}}
+        select_backend(_mlp(), _feeds(), backends=["test-recording", "onnxruntime"],
+                       rounds=3, min_rounds=1, compile_options=options)  # fmt: skip
+    finally:
+        base._REGISTRY.pop(Recording.name, None)
+    assert seen["test-recording"] == {"threads": 2, "tune": 8, "dims": {"batch": 3}}
+
+
+def test_feed_dims_binds_every_symbolic_input_dim() -> None:
+    from graphopt.backends.auto import feed_dims
+
+    g = Graph()
+    ids = g.add_input("ids", TensorType(DType.INT64, ("batch", "sequence")))
+    mask = g.add_input("mask", TensorType(DType.INT64, ("batch", "sequence")))
+    g.set_outputs([Builder(g).Add(ids, mask)], ["y"])
+    feeds = {"ids": np.zeros((2, 7), np.int64), "mask": np.ones((2, 7), np.int64)}
+    assert feed_dims(Model(g, {"": 18}), feeds) == {"batch": 2, "sequence": 7}
+
+
+def test_command_line_auto_tunes_tvm_for_the_inputs_shapes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--target auto --tune N: the tvm candidate is tuned (database next to the output) for the
+    shapes of the inputs auto times it on; --tune with a backend that does not tune is an error."""
+    import graphopt.backends.auto as auto
+
+    captured: dict[str, Any] = {}
+
+    def fake_select(model: Model, feeds: Mapping[str, np.ndarray], **kw: Any) -> Any:
+        captured.update(kw)
+        raise BackendError("stop here")
+
+    monkeypatch.setattr(auto, "select_backend", fake_select)
+    source = tmp_path / "mlp.onnx"
+    graphopt.save(_mlp(), source)
+    np.savez(tmp_path / "in.npz", **_feeds(5))
+    out = tmp_path / "out.so"
+    code = main(["optimize", str(source), "--target", "auto", "--tune", "16", "-o", str(out),
+                 "--inputs", str(tmp_path / "in.npz")])  # fmt: skip
+    assert code != 0 and not out.exists()
+    tvm = captured["compile_options"]["tvm"]
+    assert tvm == {"tune": 16, "tuning_dir": str(tmp_path / "out.tuning"), "dims": {"batch": 5}}
+    code = main(["optimize", str(source), "--target", "openvino", "--tune", "16", "-o",
+                 str(tmp_path / "m.xml")])  # fmt: skip
+    assert code == 2 and not (tmp_path / "m.xml").exists()
