@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -226,6 +227,9 @@ def _tune(
         chosen, work_dir, num_threads=int(target.attrs.get("num-cores", 1))
     )
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+    # MetaSchedule's console handler takes this logger's level (it leaves DEBUG behind): its
+    # per-batch tables belong in `<work_dir>/logs`, not on stdout (the bench's JSON lines)
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     if progress is not None:
         callbacks.append(_progress_callback(progress, budget))
     start = time.perf_counter()
