@@ -223,13 +223,14 @@ def _tune(
     chosen = tasks if trials > done else missing
     budget = trials - done if top_up else trials
     info.tasks, info.tasks_tuned, info.tuning_dir = len(tasks), len(chosen), work_dir
+    # MetaSchedule sets up its loggers here: its console handler takes this logger's level then
+    # (the file handlers in `<work_dir>/logs` keep DEBUG), so its per-batch tables stay off
+    # stdout (the bench's JSON lines); it leaves the level at DEBUG, hence set on every tune
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         chosen, work_dir, num_threads=int(target.attrs.get("num-cores", 1))
     )
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-    # MetaSchedule's console handler takes this logger's level (it leaves DEBUG behind): its
-    # per-batch tables belong in `<work_dir>/logs`, not on stdout (the bench's JSON lines)
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     if progress is not None:
         callbacks.append(_progress_callback(progress, budget))
     start = time.perf_counter()

@@ -348,6 +348,9 @@ def test_save_load_and_command_line(zoo_model: Callable[..., Path], tmp_path: Pa
         assert_close(expected, {k: saved[k] for k in saved.files})
 
 
+SCHEDULER_LOG = "tvm.s_tir.meta_schedule.logging.task_scheduler"
+
+
 @pytest.mark.slow
 def test_tuning_database_is_reused_and_topped_up(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -365,6 +368,7 @@ def test_tuning_database_is_reused_and_topped_up(
     assert first.info.tasks_tuned == first.info.tasks > 0
     assert (tuning / "database_tuning_record.json").stat().st_size > 0
     assert "Total trials" not in capsys.readouterr().out  # MetaSchedule's tables: in its logs
+    assert "Total trials" in (tuning / "logs" / f"{SCHEDULER_LOG}.log").read_text()
     second = check(model, feeds, tune=4, tuning_dir=os.fspath(tuning), dims={"batch": 4})
     assert second.info.tasks_tuned == 0 and second.info.tune_s == 0.0
     # more trials than the database holds: every kernel is tuned again, for the difference
