@@ -217,10 +217,10 @@ def _tune(
         info.tuning_dir = work_dir
         info.notes.append(f"tuning: all {len(tasks)} kernels found in {work_dir} ({done} trials)")
         return database
-    # more trials than the database was tuned with: tune every kernel again for the difference;
-    # the search starts from the database's best schedules
-    top_up = not missing
-    chosen = tasks if trials > done else missing
+    # more trials than the database was tuned with: tune every kernel again for the difference
+    # (the search starts from the database's best schedules); else only the kernels it lacks
+    top_up = trials > done
+    chosen = tasks if top_up else missing
     budget = trials - done if top_up else trials
     info.tasks, info.tasks_tuned, info.tuning_dir = len(tasks), len(chosen), work_dir
     # MetaSchedule sets up its loggers here: its console handler takes this logger's level then
@@ -242,7 +242,7 @@ def _tune(
     )  # fmt: skip
     info.tune_s = time.perf_counter() - start
     info.trials = budget
-    if top_up:
+    if top_up and done:
         info.notes.append(f"tuning: {done} trials in {work_dir}, {budget} more to reach {trials}")
     _record_trials(work_dir, max(done, trials))
     return database
