@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -52,7 +51,6 @@ SETTINGS: list[tuple[str, str, float, int | None]] = [
     ("resnet", "prune-channels", 0.3, None),
     ("resnet", "prune-channels", 0.3, 1),
 ]
-HELDOUT = re.compile(r"held-out error ([0-9.e+-]+)x")
 SCORINGS = {"magnitude": ("magnitude", "false"), "activation": ("activation", "false"),
             "refit": ("magnitude", "true")}  # fmt: skip
 
@@ -99,7 +97,8 @@ def measure(
             chosen = [n.message for n in result.notes if n.message.startswith("refit: ")]
             row["refit_sinks"] = len(chosen)
             row["refit_sinks_left_plain"] = sum("plain pruning (" in m for m in chosen)
-            ratios = [float(r) for m in chosen for r in HELDOUT.findall(m)]
+            refits = result.artifacts["structured-pruning"].refits
+            ratios = [r.heldout_ratio for r in refits if r.heldout_ratio is not None]
             if ratios:  # the best fit's error on the held-out fold over plain pruning's, per sink
                 row["refit_heldout_error_ratio"] = {
                     "min": round(min(ratios), 4), "median": round(statistics.median(ratios), 4),

@@ -35,7 +35,12 @@ from graphopt.passes.pruning import importance
 from graphopt.passes.pruning.refit import SinkCut, refit
 from graphopt.passes.pruning.slicing import Plan, drop_if_unused, remove
 from graphopt.passes.pruning.structure import ConstEdit, Region, analyze
-from graphopt.passes.pruning.structured_report import GroupRow, PassSummary, structured_report
+from graphopt.passes.pruning.structured_report import (
+    GroupRow,
+    PassSummary,
+    RefitRow,
+    structured_report,
+)
 
 __all__ = ["SIMILARITY_SAMPLES", "StructuredPrune", "layer_flops", "output_cosine"]
 
@@ -125,6 +130,9 @@ class StructuredPrune(ModelPass):
                 context.note(f"not refit: {reason}", node)
             for node, how in result.chosen.items():
                 context.note(f"refit: {how}", node)
+                structured_report(context).refits.append(
+                    RefitRow(self.name, node.describe(), how, result.heldout_ratio.get(node))
+                )
         output_keep = {e.node: p.keep(e.ids) for p in plans for e in p.region.sources}
         remove(graph, plans, base)
         _fold_bias(graph, bias, output_keep)

@@ -15,7 +15,7 @@ from typing import Any
 
 from graphopt.passes.manager import PassContext
 
-__all__ = ["GroupRow", "PassSummary", "StructuredReport", "structured_report"]
+__all__ = ["GroupRow", "PassSummary", "RefitRow", "StructuredReport", "structured_report"]
 
 
 @dataclass
@@ -42,14 +42,27 @@ class PassSummary:
 
 
 @dataclass
+class RefitRow:
+    """One consumer layer refit: what the held-out check chose and the best fit's held-out error
+    over plain pruning's (None: one calibration sample, no held-out fold)."""
+
+    pass_name: str
+    layer: str
+    choice: str
+    heldout_ratio: float | None
+
+
+@dataclass
 class StructuredReport:
     groups: list[GroupRow] = field(default_factory=list)
     passes: list[PassSummary] = field(default_factory=list)
+    refits: list[RefitRow] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "groups": [asdict(g) for g in self.groups],
             "passes": [asdict(p) for p in self.passes],
+            "refits": [asdict(r) for r in self.refits],
         }
 
     def table(self) -> Any:
