@@ -20,7 +20,9 @@ slower than ONNX Runtime. `tune=N` runs MetaSchedule with N trials over the fuse
 its database in `tuning_dir` (the command line puts it next to the output); a later compile of the
 same kernels finds their records there and tunes only what is missing, or, asked for more trials
 than the database was tuned with, tunes every kernel for the difference (the search starts from
-the records' best schedules). Tuning needs static shapes:
+the records' best schedules). Weights are constants marked layout-free, so a tuned kernel may
+read its weight in a packed layout of its own choosing; the packing runs once, at compile time,
+and the library stores the packed weights (`_compile_tuned`). Tuning needs static shapes:
 symbolic dims are bound with `dims={"batch": 1, "sequence": 128}` (unbound ones become 1).
 
 Nodes the lowering does not cover make `compile` fail with an error naming them, unless
@@ -145,6 +147,7 @@ class CompileInfo:
     tasks: int = 0
     tasks_tuned: int = 0
     tuning_dir: str | None = None
+    prepacked: int = 0  # tuned kernels that read their weights in a layout packed at compile time
     notes: list[str] = field(default_factory=list)
 
 
@@ -179,16 +182,53 @@ def build_relax(
         executable = tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target))
         info.build_s = time.perf_counter() - start
         return executable
-    from tvm.s_tir import meta_schedule as ms
 
     with target:
-        fused = tvm.transform.Sequential(_fuse_passes(target))(mod)
+        # weights are relax constants: marking them layout-free lets MetaSchedule pick each
+        # kernel's weight layout (packed tiles the inner loops read in order), paid once below
+        fused = tvm.transform.Sequential(
+            [*_fuse_passes(target), relax.transform.AttachAttrLayoutFreeBuffers()]
+        )(mod)
     tuning_dir = tuning_dir or tempfile.mkdtemp(prefix="graphopt-tvm-tuning-")
     database = _tune(fused, target, tuning_dir, tune, progress, info)
     start = time.perf_counter()
-    executable = ms.relax_integration.compile_relax(database, mod, target, params=None)
+    executable = _compile_tuned(fused, database, target, info)
     info.build_s = time.perf_counter() - start
     return executable
+
+
+def _compile_tuned(fused: Any, database: Any, target: Any, info: CompileInfo) -> Any:
+    """Build the fused module with the database's schedules. A tuned kernel that chose another
+    weight layout starts with a layout-rewrite block: `SplitLayoutRewritePreproc` moves it into a
+    function of its own on the weight, and `FoldConstant` runs that on the constant at compile
+    time, so the library stores the weights pre-packed and no call repacks them (ONNX Runtime
+    prepacks its MatMul weights at session start the same way)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
+
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        mod = tvm.transform.Sequential(
+            [
+                relax.transform.MetaScheduleApplyDatabase(),
+                relax.transform.SplitLayoutRewritePreproc(),
+                relax.transform.FoldConstant(),
+                relax.transform.DeadCodeElimination(),
+            ]
+        )(fused)
+    names = [g.name_hint for g in mod.functions]
+    info.prepacked = sum(name.endswith("_prepacked") for name in names)
+    left = [name for name in names if name.endswith("_weight_prepack")]
+    if left:  # a weight that is not a constant (a fallback's input): repacked on every call
+        info.notes.append(f"tuning: {len(left)} weight layout rewrites run on every call")
+
+    @tvm.transform.module_pass(opt_level=0)
+    def lower(module: Any, _ctx: Any) -> Any:
+        with target:
+            passes = dataflow_lower_passes(target) + finalize_passes(target)
+            return tvm.transform.Sequential(passes)(module)
+
+    return tvm.compile(mod, target, relax_pipeline=lower)
 
 
 def _tune(
@@ -615,6 +655,8 @@ def compile_to_file(
             f"tvm: lowered in {info.lower_s:.2f} s, built in {info.build_s:.1f} s"
             + (f", tuned {info.tasks_tuned}/{info.tasks} kernels ({info.trials} trials) in "
                f"{info.tune_s:.0f} s, database {info.tuning_dir}" if info.tasks else "")
+            + (f"; {info.prepacked} kernels read weights packed at compile time"
+               if info.prepacked else "")
         )  # fmt: skip
         for note in info.notes:
             say(f"note: {note}")

@@ -366,6 +366,9 @@ def test_tuning_database_is_reused_and_topped_up(
     tuning = tmp_path / "mlp.tuning"
     first = check(model, feeds, tune=4, tuning_dir=os.fspath(tuning), dims={"batch": 4})
     assert first.info.tasks_tuned == first.info.tasks > 0
+    # the tuned MatMul reads its weight packed at compile time: no layout rewrite per call
+    assert first.info.prepacked > 0
+    assert not [n for n in first.info.notes if "every call" in n]
     assert (tuning / "database_tuning_record.json").stat().st_size > 0
     assert "Total trials" not in capsys.readouterr().out  # MetaSchedule's tables: in its logs
     assert "Total trials" in (tuning / "logs" / f"{SCHEDULER_LOG}.log").read_text()
