@@ -187,14 +187,44 @@ def build_relax(
         # weights are relax constants: marking them layout-free lets MetaSchedule pick each
         # kernel's weight layout (packed tiles the inner loops read in order), paid once below
         fused = tvm.transform.Sequential(
-            [*_fuse_passes(target), relax.transform.AttachAttrLayoutFreeBuffers()]
-        )(mod)
+            [*_channels_last(mod), *_fuse_passes(target),
+             relax.transform.AttachAttrLayoutFreeBuffers()]
+        )(mod)  # fmt: skip
     tuning_dir = tuning_dir or tempfile.mkdtemp(prefix="graphopt-tvm-tuning-")
     database = _tune(fused, target, tuning_dir, tune, progress, info)
     start = time.perf_counter()
     executable = _compile_tuned(fused, database, target, info)
     info.build_s = time.perf_counter() - start
     return executable
+
+
+def _channels_last(mod: Any) -> list[Any]:
+    """Convolutions in NHWC for tuning on a CPU: output channels innermost, so a tuned kernel
+    vectorizes over them against a packed weight, the loop nest MetaSchedule tunes well for
+    MatMuls (NCHW leaves it vectorizing over pixels). `ConvertLayout` keeps the model's inputs and
+    outputs in NCHW (one transpose each way) and carries NHWC through the elementwise ops, pools
+    and residual Adds between. Grouped convolutions stay as they are: none is converted then."""
+    from tvm import relax
+
+    convs = _calls(mod, "relax.nn.conv2d")
+    if not convs or any(int(call.attrs.groups) != 1 for call in convs):
+        return []
+    return [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})]
+
+
+def _calls(mod: Any, op_name: str) -> list[Any]:
+    from tvm import relax
+
+    found: list[Any] = []
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == op_name:
+            found.append(expr)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
 
 
 def _compile_tuned(fused: Any, database: Any, target: Any, info: CompileInfo) -> Any:

@@ -381,6 +381,29 @@ def test_tuning_database_is_reused_and_topped_up(
     assert fourth.info.tasks_tuned == 0
 
 
+@pytest.mark.slow
+def test_tuned_convolutions_run_channels_last_with_packed_weights(tmp_path: Path):
+    """The tuned CPU path converts convolutions to NHWC (`_channels_last`) and packs the weights
+    at compile time: a residual conv block still computes what the interpreter does."""
+    graph = Graph("block")
+    b = Builder(graph)
+    x = graph.add_input("x", TensorType(DType.FLOAT, (1, 8, 10, 10)))
+    pads = {"pads": [1, 1, 1, 1]}
+    h = graph.append(Node("Conv", [x, b.const(randn(8, 8, 3, 3)), b.const(randn(8))], pads))
+    r = graph.append(Node("Relu", [h.output])).output
+    c = graph.append(Node("Conv", [r, b.const(randn(8, 8, 3, 3))], pads)).output
+    y = graph.append(Node("Add", [c, x])).output
+    pooled = graph.append(Node("GlobalAveragePool", [y])).output
+    graph.set_outputs([y, pooled], ["y", "pooled"])
+    model = graphopt.optimize(Model(graph, opset_imports={"": 18}), "O0")
+    from graphopt.backends.tvm import _channels_last
+    from graphopt.backends.tvm_lower import lower_model
+
+    assert _channels_last(lower_model(model, {}))  # two plain convolutions: converted
+    executable = check(model, {"x": randn(1, 8, 10, 10)}, tune=6, tuning_dir=os.fspath(tmp_path))
+    assert executable.info.tasks > 0
+
+
 def test_targets_are_dicts():
     from graphopt.backends.tvm import parse_target
 
