@@ -296,7 +296,14 @@ def _tune(
     # MetaSchedule sets up its loggers here: its console handler takes this logger's level then
     # (the file handlers in `<work_dir>/logs` keep DEBUG), so its per-batch tables stay off
     # stdout (the bench's JSON lines); it leaves the level at DEBUG, hence set on every tune
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(logging.WARNING)
+    # it also lists the handlers this logger already has by name, and fails on one without a
+    # name ("'NoneType' object has no attribute 'format'", seen on a second tune in one
+    # process): start from no handlers, as a fresh process does; it adds its own again
+    for handler in list(ms_logger.handlers):
+        ms_logger.removeHandler(handler)
+        handler.close()
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         chosen, work_dir, num_threads=int(target.attrs.get("num-cores", 1))
     )
