@@ -63,6 +63,13 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 FORMAT = "graphopt-tvm/1"
 
 
+def _usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def import_tvm() -> Any:
     """`import tvm`, without the `import torch` that tvm_ffi does on the way when torch is
     installed (2-9 s here, for DLPack interop graphopt does not use). torch imports normally
@@ -71,8 +78,16 @@ def import_tvm() -> Any:
     TVM's worker threads spin-wait after each parallel region by default; they would steal the
     cores from whatever runs next in the process (another backend timed beside it by `--target
     auto`, the caller's own work). Like graphopt's ONNX Runtime sessions they sleep instead,
-    unless the user set `TVM_THREAD_POOL_SPIN_COUNT` (read when the thread pool starts)."""
+    unless the user set `TVM_THREAD_POOL_SPIN_COUNT` (read when the thread pool starts).
+
+    TVM sizes its thread pool once, when it starts, at `TVM_NUM_THREADS`, or else at half the
+    hardware threads on x86 (it assumes two hyper-threads per core): one thread on a 2-vCPU
+    machine, whatever `threads` asks for later, since `runtime.config_threadpool` only narrows
+    the pool. graphopt sizes it at the CPUs this process may run on (unless the user set
+    `TVM_NUM_THREADS`), and `threads` narrows it; MetaSchedule's measuring workers inherit the
+    setting, so kernels are tuned with the threads they run with."""
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    os.environ.setdefault("TVM_NUM_THREADS", str(_usable_cpus()))
     if "tvm" in sys.modules or "torch" in sys.modules:
         import tvm
 
@@ -213,6 +228,7 @@ def _channels_last(mod: Any) -> list[Any]:
 
 
 def _calls(mod: Any, op_name: str) -> list[Any]:
+    """Every Relax call of the operator `op_name` (e.g. "relax.nn.conv2d") in `mod`'s functions."""
     from tvm import relax
 
     found: list[Any] = []
