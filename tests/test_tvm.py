@@ -426,6 +426,32 @@ def test_importing_graphopt_does_not_import_tvm():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+def test_thread_pool_spans_the_usable_cpus_and_threads_narrows_it():
+    """TVM alone starts half the hardware threads on x86 (one on a 2-vCPU machine), and no later
+    setting grows its pool: graphopt starts it with every usable CPU, and an executable
+    compiled with `threads=1` narrows it to one. A fresh process: the pool starts once."""
+    code = (
+        "import numpy as np, graphopt\n"
+        "from graphopt.backends.base import get_backend\n"
+        "from graphopt.backends.tvm import import_tvm\n"
+        "from graphopt.ir import DType, Graph, Model, TensorType\n"
+        "from graphopt.ir.core import Node\n"
+        "threads = import_tvm().get_global_func('runtime.NumThreads')\n"
+        "print(threads())\n"
+        "graph = Graph('g')\n"
+        "x = graph.add_input('x', TensorType(DType.FLOAT, (4,)))\n"
+        "graph.set_outputs([graph.append(Node('Relu', [x])).output], ['y'])\n"
+        "model = Model(graph, opset_imports={'': 18})\n"
+        "get_backend('tvm').compile(model, threads=1).run({'x': np.ones(4, np.float32)})\n"
+        "print(threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    printed = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=REPO, env=env, capture_output=True, text=True
+    ).stdout.split()
+    assert printed == [str(len(os.sched_getaffinity(0))), "1"]
+
+
 # ----- aarch64 under emulation, CUDA code generation ---------------------------------------------
 ARM_SCRIPT = REPO / "tools" / "arm_emulation.sh"
 
