@@ -169,8 +169,30 @@ class CompileInfo:
 def _fuse_passes(target: Any) -> list[Any]:
     from tvm import relax
 
-    return list(relax.pipeline.library_dispatch_passes(target)) + list(
-        relax.pipeline.legalize_passes(target)
+    return [*relax.pipeline.library_dispatch_passes(target), _fast_math(),
+            *relax.pipeline.legalize_passes(target)]  # fmt: skip
+
+
+def _fast_math() -> Any:
+    """`LegalizeOps` lowering tanh and erf to TVM's float32 approximations (`topi.fast_tanh`,
+    `topi.fast_erf`: within 4e-7 of tanh and erf; other dtypes keep the exact functions) and
+    every other op as usual. The LLVM targets otherwise call libm's tanhf or erff once per
+    element, unvectorized: GPT-2 base's tanh-GELU took 1.4 ms per layer that way even tuned (11%
+    of the tuned model), 0.2 ms with the approximation. It runs after the library dispatch
+    passes (sort, scan and sampling ops are theirs to lower) and only for CPU targets."""
+    from tvm import relax, te, tirx, topi
+
+    def fast_erf(x: Any) -> Any:  # topi.fast_erf, but NaN stays NaN (it maps NaN to 1)
+        y = topi.fast_erf(x)
+        return te.compute(
+            x.shape, lambda *i: tirx.Select(tirx.isnan(x(*i)), x(*i), y(*i)), name="erf"
+        )
+
+    return relax.transform.LegalizeOps(
+        customize_legalize_map={
+            "relax.tanh": lambda bb, call: bb.call_te(topi.fast_tanh, call.args[0]),
+            "relax.erf": lambda bb, call: bb.call_te(fast_erf, call.args[0]),
+        }
     )
 
 
@@ -194,6 +216,10 @@ def build_relax(
         tune = 0
     if not tune:
         start = time.perf_counter()
+        if not spec.is_gpu:  # tanh and erf approximated; the default pipeline does the rest
+            with target:
+                dispatch = relax.pipeline.library_dispatch_passes(target)
+                mod = tvm.transform.Sequential([*dispatch, _fast_math()])(mod)
         executable = tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target))
         info.build_s = time.perf_counter() - start
         return executable

@@ -162,9 +162,14 @@ def lower_unary(lw: Lowerer, node: Node) -> list[Any]:
     if op == "Mish":
         softplus = relax.op.log(relax.op.add(relax.op.exp(x), c(1.0)))
         return [relax.op.multiply(x, relax.op.tanh(softplus))]
-    if op == "Gelu":
-        tanh = node.get_attr("approximate", "none") == "tanh"
-        return [relax.op.nn.gelu_tanh(x) if tanh else relax.op.nn.gelu(x)]
+    if op == "Gelu":  # the spec's formulas: CPU targets approximate tanh/erf (tvm._fast_math)
+        if node.get_attr("approximate", "none") == "tanh":
+            cubic = relax.op.multiply(c(0.044715), relax.op.multiply(x, relax.op.multiply(x, x)))
+            inner = relax.op.multiply(c(math.sqrt(2 / math.pi)), relax.op.add(x, cubic))
+            cdf = relax.op.tanh(inner)
+        else:
+            cdf = relax.op.erf(relax.op.multiply(x, c(1 / math.sqrt(2))))
+        return [relax.op.multiply(relax.op.multiply(c(0.5), x), relax.op.add(c(1.0), cdf))]
     if op == "IsInf":
         pos, neg = node.get_attr("detect_positive", 1), node.get_attr("detect_negative", 1)
         inf = relax.op.isinf(x)

@@ -279,6 +279,20 @@ def test_single_ops_match_spec(op: str, inputs: list[Any], attrs: dict[str, Any]
     check(model, feeds)
 
 
+@pytest.mark.parametrize("op", ["Tanh", "Erf"])
+def test_tanh_and_erf_are_approximated_on_cpu(op: str):
+    """CPU targets lower tanh and erf to TVM's approximations (libm's are called per element,
+    unvectorized): within 1e-4 over their whole range, infinities and NaN as the spec has them."""
+    from graphopt.backends.tvm import _fast_math
+    from graphopt.backends.tvm_lower import lower_model
+
+    x = np.concatenate([np.linspace(-12, 12, 997), [np.inf, -np.inf, np.nan]]).astype(np.float32)
+    model, feeds = one_node(op, [x], opset=18)
+    names = [gv.name_hint for gv, _ in _fast_math()(lower_model(model)).functions_items()]
+    assert f"fast_{op.lower()}" in names
+    check(model, feeds)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("per_axis", [False, True])
 def test_quantize_dequantize_match_spec(dtype: type, per_axis: bool):
